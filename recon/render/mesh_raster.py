@@ -1,0 +1,334 @@
+"""A pure-PyTorch triangle rasteriser and mesh renderer.
+
+Used wherever we need pictures of a mesh rather than of the field: ground-truth
+views for the reference prior (every training step, so it must be fast),
+evaluation views, turntable previews, and texture baking (through
+``rasterize_uv``).
+
+How ``rasterize`` works, all vectorised:
+
+1. Each triangle's pixel bounding box is clipped to the image; the pixels whose
+   centres lie in it are enumerated with ``repeat_interleave`` (faces are
+   processed in chunks so memory stays bounded however large the triangles).
+2. Edge functions at the pixel centres keep the pixels inside the triangle.
+3. A z-buffer in one pass: each fragment gets an int64 key whose high bits are
+   the float32 bit pattern of its depth (positive floats order like their bit
+   patterns) and whose low bits are the face id; ``scatter_reduce(amin)`` per
+   pixel then picks the nearest face, ties broken by the lower face id.
+4. Barycentrics are recomputed for the winning face only, perspective-correct.
+
+Triangles are two-sided (no back-face culling): closed meshes are resolved by
+the z-buffer, and open meshes or the inside seen through a hole still render.
+Triangles with a vertex at or behind the camera (depth <= ``NEAR``) are dropped
+rather than clipped; our cameras orbit outside the object, so that never cuts a
+visible triangle in practice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from recon.camera import Cameras, project
+from recon.mesh.data import MeshData
+
+NEAR = 1e-4  # vertices closer than this (or behind the camera) drop their triangle
+EDGE_EPS = 1e-6  # barycentric slack so pixels exactly on a shared edge are never lost to rounding
+CHUNK_FRAGMENTS = 1 << 21  # candidate pixels per chunk: bounds memory at roughly 100 MB
+GREY = 0.5  # albedo of a mesh without appearance
+AMBIENT = 0.25  # share of the headlight term that does not depend on the angle
+
+_FACE_BITS = 32
+_FACE_MASK = (1 << _FACE_BITS) - 1
+_EMPTY = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class Fragments:
+    """What covers each pixel: the nearest face, where on it, and how far."""
+
+    face_id: torch.Tensor  # [N, H, W] int64, -1 where no face covers the pixel
+    bary: torch.Tensor  # [N, H, W, 3] perspective-correct barycentrics (0 where empty)
+    depth: torch.Tensor  # [N, H, W] view-axis depth (0 where empty)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.face_id >= 0
+
+
+def _screen_barycentrics(tri: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """Screen-space barycentrics [M, 3] of points [M, 2] in triangles [M, 3, 2].
+
+    Dividing the edge functions by the signed area makes them orientation-free:
+    inside means all three are >= 0 whichever way the triangle winds.
+    """
+    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
+
+    def edge(p, q, r):
+        return (q[:, 0] - p[:, 0]) * (r[:, 1] - p[:, 1]) - (q[:, 1] - p[:, 1]) * (r[:, 0] - p[:, 0])
+
+    area = edge(a, b, c)
+    safe_area = torch.where(area == 0, torch.ones_like(area), area)
+    return torch.stack([edge(b, c, point), edge(c, a, point), edge(a, b, point)], dim=-1) / safe_area[:, None]
+
+
+def _perspective_correct(screen_bary: torch.Tensor, vertex_depth: torch.Tensor):
+    """Perspective-correct barycentrics and depth: 1/z is what is linear in screen space."""
+    weights = screen_bary / vertex_depth
+    inverse_depth = weights.sum(dim=-1, keepdim=True)
+    return weights / inverse_depth, 1.0 / inverse_depth.squeeze(-1)
+
+
+def rasterize(
+    pixel_xy: torch.Tensor,
+    depth: torch.Tensor,
+    faces: torch.Tensor,
+    height: int,
+    width: Optional[int] = None,
+    chunk_fragments: int = CHUNK_FRAGMENTS,
+) -> Fragments:
+    """Rasterise triangles given their projected vertices.
+
+    ``pixel_xy`` [N, V, 2] and ``depth`` [N, V] are what ``recon.camera.project``
+    returns (x = column, y = row, pixel centres at +0.5, depth > 0 in front);
+    ``faces`` [F, 3] indexes the vertices. A pixel is covered when its centre is
+    inside a triangle; the nearest positive depth wins.
+    """
+    width = width or height
+    n_views, device = pixel_xy.shape[0], pixel_xy.device
+    n_faces = faces.shape[0]
+    pixel_xy = pixel_xy.float()
+    depth = depth.float()
+
+    # Every (view, face) pair is one triangle to draw.
+    tri_xy = pixel_xy[:, faces]  # [N, F, 3, 2]
+    tri_z = depth[:, faces]  # [N, F, 3]
+    view_of = torch.arange(n_views, device=device).repeat_interleave(n_faces)
+    face_of = torch.arange(n_faces, device=device).repeat(n_views)
+    tri_xy = tri_xy.reshape(-1, 3, 2)
+    tri_z = tri_z.reshape(-1, 3)
+
+    # Pixel i has its centre at i + 0.5, so it is in [lo, hi] when ceil(lo - 0.5) <= i <= floor(hi - 0.5).
+    # Clamping before the int conversion keeps huge coordinates (vertices near the camera plane) finite.
+    lo = (tri_xy.amin(dim=1) - 0.5).clamp(-1, max(width, height)).ceil()
+    hi = (tri_xy.amax(dim=1) - 0.5).clamp(-1, max(width, height)).floor()
+    x0 = lo[:, 0].clamp(min=0).long()
+    y0 = lo[:, 1].clamp(min=0).long()
+    x1 = hi[:, 0].clamp(max=width - 1).long()
+    y1 = hi[:, 1].clamp(max=height - 1).long()
+    box_w = (x1 - x0 + 1).clamp(min=0)
+    box_h = (y1 - y0 + 1).clamp(min=0)
+    in_front = (tri_z > NEAR).all(dim=1) & torch.isfinite(tri_xy).all(dim=2).all(dim=1)
+    counts = torch.where(in_front, box_w * box_h, torch.zeros_like(box_w))
+
+    # Only triangles that can cover a pixel go on.
+    keep = counts > 0
+    tri_xy, tri_z, view_of, face_of = tri_xy[keep], tri_z[keep], view_of[keep], face_of[keep]
+    x0, y0, box_w, counts = x0[keep], y0[keep], box_w[keep], counts[keep]
+
+    zbuffer = torch.full((n_views * height * width,), _EMPTY, dtype=torch.int64, device=device)
+    ends = counts.cumsum(0)
+    total = int(ends[-1]) if ends.numel() else 0
+    # Chunk boundaries fall between faces, at the first face that passes each multiple of the budget.
+    n_chunks = (total + chunk_fragments - 1) // chunk_fragments
+    splits = torch.searchsorted(ends, torch.arange(1, max(n_chunks, 1), device=device) * chunk_fragments, right=True)
+    bounds = [0] + splits.tolist() + [counts.numel()]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop <= start:
+            continue
+        _rasterize_chunk(
+            zbuffer,
+            tri_xy[start:stop], tri_z[start:stop], view_of[start:stop], face_of[start:stop],
+            x0[start:stop], y0[start:stop], box_w[start:stop], counts[start:stop],
+            height, width,
+        )
+    return _resolve(zbuffer, pixel_xy, depth, faces, n_views, height, width)
+
+
+def _rasterize_chunk(zbuffer, tri_xy, tri_z, view_of, face_of, x0, y0, box_w, counts, height, width):
+    """Write the chunk's fragments into the z-buffer (in place)."""
+    n_fragments = int(counts.sum())
+    triangle = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=n_fragments)
+    first = counts.cumsum(0) - counts
+    k = torch.arange(n_fragments, device=counts.device) - first[triangle]  # index inside the triangle's box
+    px = x0[triangle] + k % box_w[triangle]
+    py = y0[triangle] + torch.div(k, box_w[triangle], rounding_mode="floor")
+    centre = torch.stack([px, py], dim=-1).float() + 0.5
+
+    bary = _screen_barycentrics(tri_xy[triangle], centre)
+    inside = (bary >= -EDGE_EPS).all(dim=-1)
+    triangle, bary, px, py = triangle[inside], bary[inside], px[inside], py[inside]
+    _, fragment_depth = _perspective_correct(bary.clamp(min=0), tri_z[triangle])
+
+    # Positive float32 values order like their int32 bit patterns, so the key sorts by depth, then face.
+    depth_bits = fragment_depth.float().contiguous().view(torch.int32).long()
+    key = (depth_bits << _FACE_BITS) | face_of[triangle]
+    pixel = (view_of[triangle] * height + py) * width + px
+    zbuffer.scatter_reduce_(0, pixel, key, reduce="amin")
+
+
+def _resolve(zbuffer, pixel_xy, depth, faces, n_views, height, width) -> Fragments:
+    """Turn the z-buffer into face ids, and recompute barycentrics for the winners only."""
+    device = zbuffer.device
+    covered = zbuffer != _EMPTY
+    face_id = torch.where(covered, zbuffer & _FACE_MASK, torch.full_like(zbuffer, -1))
+    bary = torch.zeros(zbuffer.numel(), 3, device=device)
+    out_depth = torch.zeros(zbuffer.numel(), device=device)
+
+    pixel = covered.nonzero().squeeze(1)
+    if pixel.numel():
+        face = face_id[pixel]
+        view = torch.div(pixel, height * width, rounding_mode="floor")
+        rest = pixel - view * height * width
+        centre = torch.stack([rest % width, torch.div(rest, width, rounding_mode="floor")], dim=-1).float() + 0.5
+        corners = faces[face]  # [M, 3]
+        tri_xy = pixel_xy[view[:, None], corners]  # [M, 3, 2]
+        tri_z = depth[view[:, None], corners]  # [M, 3]
+        # The edge slack lets barycentrics dip just below 0; clamp so interpolation never extrapolates.
+        screen = _screen_barycentrics(tri_xy, centre).clamp(min=0)
+        screen = screen / screen.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+        bary[pixel], out_depth[pixel] = _perspective_correct(screen, tri_z)
+
+    return Fragments(
+        face_id=face_id.view(n_views, height, width),
+        bary=bary.view(n_views, height, width, 3),
+        depth=out_depth.view(n_views, height, width),
+    )
+
+
+def rasterize_uv(uvs: torch.Tensor, face_uvs: torch.Tensor, size: int) -> Fragments:
+    """Rasterise the UV layout at texel centres (for baking), one view: [1, size, size].
+
+    Texture row 0 is the top (v close to 1) and uv (0, 0) is the bottom-left
+    corner, so texel (row j, column i) has its centre at u = (i + 0.5) / size,
+    v = 1 - (j + 0.5) / size. A constant depth makes the barycentrics affine in uv.
+    """
+    uvs = uvs.float()
+    pixel_xy = torch.stack([uvs[:, 0] * size, (1.0 - uvs[:, 1]) * size], dim=-1)[None]
+    depth = torch.ones(1, uvs.shape[0], device=uvs.device)
+    return rasterize(pixel_xy, depth, face_uvs, size, size)
+
+
+def sample_texture(texture: torch.Tensor, uv: torch.Tensor, wrap: str = "repeat") -> torch.Tensor:
+    """Bilinear texture lookup: texture [Ht, Wt, C], uv [P, 2] -> [P, C].
+
+    ``wrap="repeat"`` tiles uv coordinates outside [0, 1] (glTF's default) and
+    ``"clamp"`` clamps them. Either way the 2x2 filter footprint is clamped at the
+    image border rather than wrapped, so a UV atlas never blends in texels from
+    its opposite edge.
+    """
+    tex_h, tex_w = texture.shape[:2]
+    if wrap == "repeat":
+        uv = uv - torch.floor(uv)
+    elif wrap == "clamp":
+        uv = uv.clamp(0.0, 1.0)
+    else:
+        raise ValueError(f"unknown wrap mode {wrap!r}: use 'repeat' or 'clamp'")
+    x = uv[:, 0] * tex_w - 0.5
+    y = (1.0 - uv[:, 1]) * tex_h - 0.5
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    x0, y0 = x0.long(), y0.long()
+    xa, xb = x0.clamp(0, tex_w - 1), (x0 + 1).clamp(0, tex_w - 1)
+    ya, yb = y0.clamp(0, tex_h - 1), (y0 + 1).clamp(0, tex_h - 1)
+    top = texture[ya, xa] * (1 - fx) + texture[ya, xb] * fx
+    bottom = texture[yb, xa] * (1 - fx) + texture[yb, xb] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Unit normals [F, 3] of counter-clockwise faces (outward for a closed mesh)."""
+    a, b, c = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
+    return F.normalize(torch.linalg.cross(b - a, c - a, dim=-1), dim=-1)
+
+
+@torch.no_grad()
+def render_mesh(
+    mesh: MeshData,
+    cameras: Cameras,
+    height: int,
+    width: Optional[int] = None,
+    background: Sequence[float] = (1.0, 1.0, 1.0),
+    shading: str = "albedo",
+    ssaa: int = 1,
+    uv_wrap: str = "repeat",
+) -> dict:
+    """Render a mesh from each camera.
+
+    Returns ``rgb`` [N, H, W, 3] composited over ``background``, ``alpha``
+    [N, H, W, 1], ``depth`` [N, H, W] (0 where empty), ``normal`` [N, H, W, 3]
+    (world-space face normals, 0 where empty) and ``face_id`` [N, H, W] (-1 where empty).
+
+    ``shading="albedo"`` shows the unlit texture or vertex colours; a mesh with no
+    appearance is drawn mid grey under a headlight so its shape is visible.
+    ``shading="lambert"`` multiplies the albedo by the headlight term.
+    ``ssaa=k`` renders k times larger and averages k x k blocks: alpha becomes
+    coverage, rgb is averaged after compositing, depth and normals are averaged
+    over the covered samples, and face_id is the block's centre-most sample.
+    """
+    if shading not in ("albedo", "lambert"):
+        raise ValueError(f"unknown shading {shading!r}: use 'albedo' or 'lambert'")
+    width = width or height
+    device = mesh.device
+    cameras = cameras.to(device)
+    big_h, big_w = height * ssaa, width * ssaa
+    vertices = mesh.vertices.float()
+    faces = mesh.faces.long()
+
+    pixel_xy, depth = project(vertices, cameras, big_h, big_w)
+    fragments = rasterize(pixel_xy, depth, faces, big_h, big_w)
+    n_views = len(cameras)
+
+    # Shade only covered pixels, as a flat list.
+    face_id = fragments.face_id.reshape(-1)
+    pixel = (face_id >= 0).nonzero().squeeze(1)
+    face = face_id[pixel]
+    bary = fragments.bary.reshape(-1, 3)[pixel]
+    view = torch.div(pixel, big_h * big_w, rounding_mode="floor")
+
+    normals = face_normals(vertices, faces)[face]
+    has_appearance = mesh.has_texture or mesh.vertex_colors is not None
+    if mesh.has_texture:
+        uv = (mesh.uvs.float()[mesh.face_uvs.long()[face]] * bary[:, :, None]).sum(dim=1)
+        albedo = sample_texture(mesh.texture.float(), uv, wrap=uv_wrap)
+    elif mesh.vertex_colors is not None:
+        albedo = (mesh.vertex_colors.float()[faces[face]] * bary[:, :, None]).sum(dim=1)
+    else:
+        albedo = torch.full((pixel.numel(), 3), GREY, device=device)
+
+    if shading == "lambert" or not has_appearance:
+        # Headlight: light comes from the camera. |cos| so that inner or back faces are lit too.
+        surface = (vertices[faces[face]] * bary[:, :, None]).sum(dim=1)
+        to_camera = F.normalize(cameras.position[view] - surface, dim=-1)
+        cosine = (normals * to_camera).sum(dim=-1, keepdim=True).abs()
+        albedo = albedo * (AMBIENT + (1.0 - AMBIENT) * cosine)
+
+    def scatter(values: torch.Tensor, channels: int) -> torch.Tensor:
+        image = torch.zeros(n_views * big_h * big_w, channels, device=device)
+        image[pixel] = values.float()
+        return image.view(n_views, big_h, big_w, channels)
+
+    alpha = (fragments.face_id >= 0).float()[..., None]
+    color = scatter(albedo.clamp(0.0, 1.0), 3)
+    normal = scatter(normals, 3)
+    bg = torch.as_tensor(background, dtype=torch.float32, device=device)
+    rgb = color * alpha + bg * (1.0 - alpha)
+    out_depth = fragments.depth
+    out_face = fragments.face_id
+
+    if ssaa > 1:
+        def pool(image):  # [N, h, w, C] -> [N, H, W, C], mean over k x k blocks
+            return F.avg_pool2d(image.permute(0, 3, 1, 2), ssaa).permute(0, 2, 3, 1)
+
+        coverage = pool(alpha)
+        safe = coverage.clamp(min=1e-8)
+        rgb = pool(rgb)
+        out_depth = (pool(out_depth[..., None] * alpha) / safe).squeeze(-1)
+        normal = F.normalize(pool(normal), dim=-1)
+        out_face = out_face[:, ssaa // 2 :: ssaa, ssaa // 2 :: ssaa]
+        alpha = coverage
+
+    return {"rgb": rgb, "alpha": alpha, "depth": out_depth, "normal": normal, "face_id": out_face}
