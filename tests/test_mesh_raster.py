@@ -274,6 +274,7 @@ def test_timing_report():
         timings[label] = time.perf_counter() - start
         assert out["alpha"].mean() > 0.05
     print(f"render_mesh, {len(sphere.faces)} faces: " + ", ".join(f"{k} views {v * 1000:.0f} ms" for k, v in timings.items()))
-    # Loose bounds: this catches a lost vectorisation, not a slow CI machine.
-    assert timings["4x64"] < 1.0
-    assert timings["16x256"] < 10.0
+    # Loose bounds (a shared 2-core CI box can be several times slower than a quiet one): they catch
+    # a lost vectorisation, e.g. a Python loop over faces, not a slow machine.
+    assert timings["4x64"] < 3.0
+    assert timings["16x256"] < 30.0

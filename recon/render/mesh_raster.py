@@ -104,30 +104,25 @@ def rasterize(
     depth = depth.float()
 
     # Every (view, face) pair is one triangle to draw.
-    tri_xy = pixel_xy[:, faces]  # [N, F, 3, 2]
-    tri_z = depth[:, faces]  # [N, F, 3]
-    view_of = torch.arange(n_views, device=device).repeat_interleave(n_faces)
-    face_of = torch.arange(n_faces, device=device).repeat(n_views)
-    tri_xy = tri_xy.reshape(-1, 3, 2)
-    tri_z = tri_z.reshape(-1, 3)
+    tri_xy = pixel_xy[:, faces].reshape(-1, 3, 2)  # [N*F, 3, 2]
+    tri_z = depth[:, faces].reshape(-1, 3)  # [N*F, 3]
 
     # Pixel i has its centre at i + 0.5, so it is in [lo, hi] when ceil(lo - 0.5) <= i <= floor(hi - 0.5).
     # Clamping before the int conversion keeps huge coordinates (vertices near the camera plane) finite.
-    lo = (tri_xy.amin(dim=1) - 0.5).clamp(-1, max(width, height)).ceil()
-    hi = (tri_xy.amax(dim=1) - 0.5).clamp(-1, max(width, height)).floor()
-    x0 = lo[:, 0].clamp(min=0).long()
-    y0 = lo[:, 1].clamp(min=0).long()
-    x1 = hi[:, 0].clamp(max=width - 1).long()
-    y1 = hi[:, 1].clamp(max=height - 1).long()
-    box_w = (x1 - x0 + 1).clamp(min=0)
-    box_h = (y1 - y0 + 1).clamp(min=0)
+    limit = torch.tensor([width, height], device=device)
+    lo = (tri_xy.amin(dim=1) - 0.5).clamp(-1, max(width, height)).ceil().long().clamp(min=0)
+    hi = torch.minimum((tri_xy.amax(dim=1) - 0.5).clamp(-1, max(width, height)).floor().long(), limit - 1)
+    box = (hi - lo + 1).clamp(min=0)  # [N*F, 2] width and height of the pixel box
     in_front = (tri_z > NEAR).all(dim=1) & torch.isfinite(tri_xy).all(dim=2).all(dim=1)
-    counts = torch.where(in_front, box_w * box_h, torch.zeros_like(box_w))
+    counts = box[:, 0] * box[:, 1] * in_front
 
     # Only triangles that can cover a pixel go on.
-    keep = counts > 0
-    tri_xy, tri_z, view_of, face_of = tri_xy[keep], tri_z[keep], view_of[keep], face_of[keep]
-    x0, y0, box_w, counts = x0[keep], y0[keep], box_w[keep], counts[keep]
+    kept = counts.nonzero().squeeze(1)
+    tri_xy, tri_z, lo, box, counts = tri_xy[kept], tri_z[kept], lo[kept], box[kept], counts[kept]
+    view_of = torch.div(kept, n_faces, rounding_mode="floor")
+    face_of = kept - view_of * n_faces
+    planes = _triangle_planes(tri_xy - lo[:, None].float(), tri_z)
+    corner_pixel = (view_of * height + lo[:, 1]) * width + lo[:, 0]
 
     zbuffer = torch.full((n_views * height * width,), _EMPTY, dtype=torch.int64, device=device)
     ends = counts.cumsum(0)
@@ -137,36 +132,55 @@ def rasterize(
     splits = torch.searchsorted(ends, torch.arange(1, max(n_chunks, 1), device=device) * chunk_fragments, right=True)
     bounds = [0] + splits.tolist() + [counts.numel()]
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        if stop <= start:
-            continue
-        _rasterize_chunk(
-            zbuffer,
-            tri_xy[start:stop], tri_z[start:stop], view_of[start:stop], face_of[start:stop],
-            x0[start:stop], y0[start:stop], box_w[start:stop], counts[start:stop],
-            height, width,
-        )
+        if stop > start:
+            part = slice(start, stop)
+            _rasterize_chunk(zbuffer, planes[part], face_of[part], corner_pixel[part], box[part, 0], counts[part], width)
     return _resolve(zbuffer, pixel_xy, depth, faces, n_views, height, width)
 
 
-def _rasterize_chunk(zbuffer, tri_xy, tri_z, view_of, face_of, x0, y0, box_w, counts, height, width):
+def _triangle_planes(local_xy: torch.Tensor, tri_z: torch.Tensor) -> torch.Tensor:
+    """Per triangle, the plane coefficients [T, 4, 3] of its three screen barycentrics and of 1/depth.
+
+    Row r gives ``value = a * x + b * y + c`` at local pixel position (x, y). Positions are
+    relative to the triangle's pixel box so the numbers stay small and float32 stays exact
+    enough; 1/depth is a plane too because it is affine in screen space.
+    """
+    a, b, c = local_xy[:, 0], local_xy[:, 1], local_xy[:, 2]
+
+    def edge_plane(p, q):  # edge function (q - p) x (r - p) as a plane in r
+        dx, dy = q[:, 0] - p[:, 0], q[:, 1] - p[:, 1]
+        return torch.stack([-dy, dx, dy * p[:, 0] - dx * p[:, 1]], dim=-1)
+
+    bary = torch.stack([edge_plane(b, c), edge_plane(c, a), edge_plane(a, b)], dim=1)  # [T, 3, 3]
+    area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    # A degenerate triangle gets all-zero planes; its 1/depth of 0 then never wins a pixel.
+    scale = torch.where(area == 0, torch.zeros_like(area), 1.0 / area)
+    bary = bary * scale[:, None, None]
+    inverse_depth = (bary / tri_z[:, :, None]).sum(dim=1, keepdim=True)
+    return torch.cat([bary, inverse_depth], dim=1)
+
+
+def _rasterize_chunk(zbuffer, planes, face_of, corner_pixel, box_w, counts, width):
     """Write the chunk's fragments into the z-buffer (in place)."""
     n_fragments = int(counts.sum())
     triangle = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=n_fragments)
     first = counts.cumsum(0) - counts
     k = torch.arange(n_fragments, device=counts.device) - first[triangle]  # index inside the triangle's box
-    px = x0[triangle] + k % box_w[triangle]
-    py = y0[triangle] + torch.div(k, box_w[triangle], rounding_mode="floor")
-    centre = torch.stack([px, py], dim=-1).float() + 0.5
+    # int32 division is several times faster than int64 on CPUs, and boxes are far smaller than 2^31.
+    w = box_w.int().index_select(0, triangle)
+    row = torch.div(k.int(), w, rounding_mode="floor")
+    col = k.int() - row * w
 
-    bary = _screen_barycentrics(tri_xy[triangle], centre)
-    inside = (bary >= -EDGE_EPS).all(dim=-1)
-    triangle, bary, px, py = triangle[inside], bary[inside], px[inside], py[inside]
-    _, fragment_depth = _perspective_correct(bary.clamp(min=0), tri_z[triangle])
+    plane = planes.index_select(0, triangle)  # [M, 4, 3]
+    x, y = (col.float() + 0.5)[:, None], (row.float() + 0.5)[:, None]
+    values = torch.addcmul(torch.addcmul(plane[:, :, 2], plane[:, :, 0], x), plane[:, :, 1], y)
+    inside = (values[:, :3] >= -EDGE_EPS).all(dim=-1) & (values[:, 3] > 0)
 
-    # Positive float32 values order like their int32 bit patterns, so the key sorts by depth, then face.
-    depth_bits = fragment_depth.float().contiguous().view(torch.int32).long()
-    key = (depth_bits << _FACE_BITS) | face_of[triangle]
-    pixel = (view_of[triangle] * height + py) * width + px
+    # Positive float32 values order like their int32 bit patterns, so the key sorts by depth, then face;
+    # fragments outside their triangle get the empty key and so never win.
+    depth_bits = (1.0 / values[:, 3]).contiguous().view(torch.int32).long()
+    key = torch.where(inside, (depth_bits << _FACE_BITS) | face_of[triangle], _EMPTY)
+    pixel = corner_pixel.index_select(0, triangle) + (row * width + col).long()
     zbuffer.scatter_reduce_(0, pixel, key, reduce="amin")
 
 
