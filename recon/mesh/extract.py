@@ -1,0 +1,259 @@
+"""Density field -> clean triangle mesh (marching cubes).
+
+Two passes over the field: a coarse grid over the whole box [-r, r]^3 finds
+where the object is, then a fine grid of ``cfg.resolution`` samples along the
+longest side covers just that region, so the resolution is spent on the object
+and not on empty space. The fine grid is padded with one layer of empty
+samples, so the surface closes where the object touches the box.
+
+Choosing the iso-level (``auto_threshold``)
+-------------------------------------------
+A NeRF density is an opacity per unit length: a step of length ``s`` through
+density ``sigma`` has alpha ``1 - exp(-sigma * s)``. What a volume renderer
+shows as "the surface" is where a ray becomes half absorbed. So the automatic
+level is the density at which a thin shell becomes half opaque, with the
+length scale clamped to what the grid can resolve:
+
+* upper bound ``ln 2 / voxel``: one voxel of it is already half opaque. A
+  trained NeRF rises through this level within a few hash-grid cells, so the
+  surface lands where a renderer puts it, at the resolution the mesh has.
+* otherwise half the peak density: soft fields (a Gaussian blob, the density
+  bias at the start of a fit, a 0/s occupancy with small s) never reach the
+  upper bound; their half-maximum contour is their natural extent (the FWHM of
+  a blob; halfway between the two values of an occupancy, which marching cubes
+  turns into the midpoint between the inside and outside samples).
+* lower bound ``ln 2 / box_size``: a density that is not half opaque even
+  across the whole box renders as (nearly) nothing, so it is never a surface;
+  a field whose peak is below this is reported as empty instead of meshing noise.
+
+Orientation: pymcubes emits triangles counter-clockwise seen from the side of
+lower values when the inside holds the higher values, i.e. normals point from
+dense to empty, which is outward for a density. Marching cubes on a closed
+(padded) grid is consistently wound by construction, so orientation is only
+re-checked after decimation, which may flip a few faces.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Tuple
+
+import fast_simplification
+import mcubes
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+import torch
+import trimesh
+
+from recon.config import ExtractConfig
+from recon.errors import ReconError
+from recon.mesh.data import MeshData
+
+log = logging.getLogger(__name__)
+
+DensityFn = Callable[[torch.Tensor], torch.Tensor]
+
+COARSE_RESOLUTION = 64  # samples a side of the first pass over the whole box
+COARSE_PADDING = 2  # coarse cells added around the occupied region
+
+
+def auto_threshold(density, voxel_size: float, box_size: float) -> float:
+    """Density iso-level for a NeRF-style density grid (see the module notes).
+
+    ``density``: samples of the field (tensor or array, any shape);
+    ``voxel_size``: spacing of the samples; ``box_size``: the longest path a
+    ray can take through the field (its box's side).
+    """
+    peak = float(torch.as_tensor(density).max())
+    opaque_in_one_voxel = math.log(2.0) / voxel_size
+    opaque_across_box = math.log(2.0) / box_size
+    return max(min(0.5 * peak, opaque_in_one_voxel), opaque_across_box)
+
+
+def extract_mesh(
+    density_fn: DensityFn,
+    radius: float,
+    cfg: ExtractConfig,
+    chunk: int = 262144,
+    device=None,
+) -> MeshData:
+    """Mesh of the region where ``density_fn`` exceeds the iso-level.
+
+    ``density_fn`` maps world points [P, 3] (float32, on ``device``) to
+    densities [P]; it is called under ``torch.no_grad`` on at most ``chunk``
+    points at a time. ``device=None`` uses the device of the module that
+    ``density_fn`` is a method of (``field.density``), else the CPU.
+    Raises :class:`ReconError` when the field is empty.
+    """
+    device = device if device is not None else _device_of(density_fn)
+    box_size = 2.0 * radius
+
+    # Coarse pass over the whole box, sampled at cell centres.
+    coarse_cell = box_size / COARSE_RESOLUTION
+    coarse_low = np.full(3, -radius + 0.5 * coarse_cell)
+    coarse = sample_grid(density_fn, coarse_low, coarse_cell, (COARSE_RESOLUTION,) * 3, chunk, device)
+    # The coarse level can only be lower than the fine one (a bigger voxel,
+    # a peak sampled no higher), so the box it finds contains the fine surface.
+    coarse_level = cfg.threshold if cfg.threshold is not None else auto_threshold(coarse, coarse_cell, box_size)
+    occupied = np.argwhere(coarse > coarse_level)
+    if len(occupied) == 0:
+        raise _empty(coarse_level, coarse, radius)
+    low = np.maximum(coarse_low + (occupied.min(0) - COARSE_PADDING) * coarse_cell, -radius)
+    high = np.minimum(coarse_low + (occupied.max(0) + COARSE_PADDING) * coarse_cell, radius)
+
+    # Fine pass: isotropic voxels, ``resolution`` samples along the longest side.
+    voxel = float((high - low).max()) / (cfg.resolution - 1)
+    shape = tuple(int(n) for n in np.floor((high - low) / voxel + 1e-6).astype(int) + 1)
+    fine = sample_grid(density_fn, low, voxel, shape, chunk, device)
+    level = cfg.threshold if cfg.threshold is not None else auto_threshold(fine, voxel, box_size)
+    if not (fine > level).any():
+        raise _empty(level, fine, radius)
+    log.info("extract: iso-level %.4g (peak density %.4g), grid %s, voxel %.4g", level, fine.max(), shape, voxel)
+
+    # One layer of empty samples around the grid closes the surface at the box.
+    outside = 0.0 if level > 0 else level - 1.0
+    padded = np.pad(fine, 1, mode="constant", constant_values=outside)
+    vertices, faces = mcubes.marching_cubes(padded, level)
+    vertices = (vertices - 1.0) * voxel + low  # grid index -> world
+    # Where the object touches the sampled box, the closing cap would sit half
+    # a voxel outside it, in a region the field never saw: put it on the box.
+    vertices = np.clip(vertices, low, low + (np.array(shape) - 1) * voxel)
+
+    mesh = _clean(trimesh.Trimesh(vertices, faces.astype(np.int64), process=False))
+    mesh = _drop_small_components(mesh, cfg.min_component_ratio)
+    if cfg.max_faces is not None and len(mesh.faces) > cfg.max_faces:
+        mesh = _decimate(mesh, cfg.max_faces)
+    _orient_outward(mesh)
+    return MeshData(
+        vertices=torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32),
+        faces=torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64),
+    )
+
+
+@torch.no_grad()
+def sample_grid(
+    density_fn: DensityFn,
+    low: np.ndarray,
+    spacing: float,
+    shape: Tuple[int, int, int],
+    chunk: int = 262144,
+    device="cpu",
+) -> np.ndarray:
+    """Densities at ``low + (i, j, k) * spacing`` for every grid index, as float32 [*shape].
+
+    Points are generated per chunk from flat indices, so a 256^3 grid never
+    holds all its coordinates at once.
+    """
+    nx, ny, nz = shape
+    total = nx * ny * nz
+    low_t = torch.as_tensor(low, dtype=torch.float32, device=device)
+    out = np.empty(total, dtype=np.float32)
+    for start in range(0, total, chunk):
+        index = torch.arange(start, min(start + chunk, total), device=device)
+        ijk = torch.stack([index // (ny * nz), (index // nz) % ny, index % nz], dim=-1)
+        points = low_t + ijk.to(torch.float32) * spacing
+        density = density_fn(points).reshape(-1).float()
+        out[start : start + len(index)] = density.cpu().numpy()
+    # A NaN (a diverged field) would make marching cubes emit garbage; read it as empty.
+    return np.nan_to_num(out, nan=0.0, posinf=np.finfo(np.float32).max, neginf=0.0).reshape(shape)
+
+
+def _device_of(density_fn: DensityFn) -> torch.device:
+    module = getattr(density_fn, "__self__", density_fn)
+    if isinstance(module, torch.nn.Module):
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _empty(level: float, grid: np.ndarray, radius: float) -> ReconError:
+    return ReconError(
+        f"the field is empty: no density above the iso-level {level:.4g} in the box [-{radius:g}, {radius:g}]^3 "
+        f"(peak density {float(grid.max()):.4g}); the fit produced no object: check the input's cut-out, "
+        f"train longer, or set extract.threshold lower"
+    )
+
+
+def _clean(mesh: trimesh.Trimesh, merge: bool = True) -> trimesh.Trimesh:
+    """Merge duplicate vertices, drop degenerate and repeated faces and unused vertices.
+
+    Degenerate means a repeated vertex index (marching cubes emits these where
+    the surface passes exactly through a grid sample, decimation where it
+    collapses an edge); dropping them keeps a closed surface closed. A sliver
+    with three distinct but collinear vertices stays: removing it would open
+    a hole in the topology for no visible gain. Decimated meshes are not
+    merged: the decimator can move two separate vertices onto one point, and
+    welding them would pinch the surface (which is also why the decimator is
+    called directly: trimesh's wrapper welds).
+    """
+    if merge:
+        mesh.merge_vertices()
+    faces = np.asarray(mesh.faces)
+    distinct = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+    mesh.update_faces(distinct)
+    mesh.update_faces(mesh.unique_faces())
+    mesh.remove_unreferenced_vertices()
+    return mesh
+
+
+def _drop_small_components(mesh: trimesh.Trimesh, min_ratio: float) -> trimesh.Trimesh:
+    """Keep the components with at least ``min_ratio`` of the largest one's faces.
+
+    Components are taken over shared vertices, not shared edges: marching cubes
+    can pinch a surface to a single vertex, and that is still one object.
+    """
+    faces = np.asarray(mesh.faces)
+    if len(faces) == 0:
+        return mesh
+    n = len(mesh.vertices)
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]])
+    graph = scipy.sparse.coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, vertex_label = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    face_label = vertex_label[faces[:, 0]]
+    face_count = np.bincount(face_label)
+    keep = face_count[face_label] >= min_ratio * face_count.max()
+    mesh.update_faces(keep)
+    mesh.remove_unreferenced_vertices()
+    return mesh
+
+
+def _decimate(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
+    """Quadric decimation (fast-simplification) to at most ``max_faces`` faces.
+
+    The decimator's aggressive settings sometimes fold the surface into a few
+    non-manifold edges; gentler settings avoid that but may stop above the
+    budget. So try from gentle to aggressive and keep the first result that
+    is within budget and as closed as its input.
+    """
+    closed = mesh.is_watertight
+    fallback = None
+    for aggression in (5, 7, 9):
+        vertices, faces = fast_simplification.simplify(
+            np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces), target_count=max_faces, agg=aggression
+        )
+        simplified = _clean(trimesh.Trimesh(vertices, faces, process=False), merge=False)
+        if len(simplified.faces) > max_faces:
+            continue
+        if simplified.is_watertight or not closed:
+            return simplified
+        fallback = fallback or simplified
+    if fallback is None:
+        raise ReconError(f"could not decimate the mesh of {len(mesh.faces)} faces to extract.max_faces={max_faces}")
+    log.warning("extract: decimation to %d faces left a few non-manifold edges", max_faces)
+    return fallback
+
+
+def _orient_outward(mesh: trimesh.Trimesh) -> None:
+    """Make the winding consistent and the enclosed volume positive (normals out).
+
+    The sign is decided for the whole mesh, not per component: an inner
+    component bounding a cavity rightly has normals pointing into the cavity.
+    """
+    if len(mesh.faces) == 0:
+        return
+    if not mesh.is_winding_consistent:
+        trimesh.repair.fix_winding(mesh)
+    if mesh.volume < 0:
+        mesh.invert()
