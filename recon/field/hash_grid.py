@@ -1,0 +1,220 @@
+"""Multiresolution hash encoding (Mueller et al. 2022) in pure PyTorch, and a factory for tiny-cuda-nn's.
+
+The grid follows tiny-cuda-nn's conventions exactly, so that one config means
+one grid whichever implementation runs it:
+
+* level ``l`` has ``scale = base_resolution * per_level_scale**l - 1`` (float32
+  maths, as tcnn computes it) and ``resolution = ceil(scale) + 1`` vertices a side;
+* a point ``x`` in [0, 1] sits at ``x * scale + 0.5`` in grid units: the half-cell
+  offset staggers the levels so their vertices never line up;
+* a level whose dense grid fits its table (``resolution**d <= 2**log2_hashmap_size``)
+  is indexed densely (``x + y * res + z * res**2``, modulo the level's table size,
+  which wraps the last vertex of a row the way tcnn does); finer levels are
+  hashed: xor of the coordinates times the primes (1, 2654435761, 805459861),
+  in uint32 arithmetic, modulo the table size;
+* each level's table holds ``min(next_multiple(resolution**d, 8), 2**log2_hashmap_size)``
+  entries of ``n_features_per_level`` values; all levels live in one flat
+  parameter ``params`` at per-level offsets, in tcnn's layout and under tcnn's
+  name, initialised uniform(-1e-4, 1e-4).
+
+The pure PyTorch path works on every device and is what runs on CPU. It is
+vectorised over levels, points and the 2**d corners of each cell: one integer
+index tensor [levels, points, corners] and one gather. Levels come first in
+that layout so that each level's accesses stay inside its own (cache-sized)
+slice of the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+
+from recon.config import FieldConfig
+from recon.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+# tcnn's "CoherentPrime" hash: 1 for the first axis keeps the two x-neighbours
+# of a cell next to each other in the table, which is kinder to the cache.
+_PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
+
+
+def _combine_corners(per_axis: torch.Tensor, op) -> torch.Tensor:
+    """Table indices per axis [L, d, 2, N] (low and high vertex) -> per corner [L, 2**d, N].
+
+    Corner ``k`` takes the high vertex along axis ``a`` when bit ``d - 1 - a`` of
+    ``k`` is set (axis 0 is the most significant bit); the interpolation in
+    :meth:`HashGrid.forward` walks the corners in the same order.
+    """
+    combined = per_axis[:, 0]
+    for axis in range(1, per_axis.shape[1]):
+        combined = op(combined.unsqueeze(2), per_axis[:, axis].unsqueeze(1)).flatten(1, 2)
+    return combined
+
+
+class HashGrid(nn.Module):
+    """Hash-grid encoding: [N, d] points in [0, 1] -> [N, n_levels * n_features_per_level] float32."""
+
+    def __init__(
+        self,
+        n_levels: int,
+        n_features_per_level: int,
+        log2_hashmap_size: int,
+        base_resolution: int,
+        per_level_scale: float,
+        n_input_dims: int = 3,
+    ):
+        super().__init__()
+        if not 1 <= n_input_dims <= len(_PRIMES):
+            raise ValueError(f"n_input_dims must be between 1 and {len(_PRIMES)}, got {n_input_dims}")
+        if per_level_scale < 1.0:
+            # Coarser-to-finer is what makes the dense levels a prefix of the levels.
+            raise ValueError(f"per_level_scale must be >= 1, got {per_level_scale}")
+        self.n_levels = int(n_levels)
+        self.n_features_per_level = int(n_features_per_level)
+        self.log2_hashmap_size = int(log2_hashmap_size)
+        self.base_resolution = int(base_resolution)
+        self.per_level_scale = float(per_level_scale)
+        self.n_input_dims = int(n_input_dims)
+
+        # float32 throughout, like tcnn, so that ceil() lands on the same side.
+        log2_scale = torch.log2(torch.tensor(self.per_level_scale, dtype=torch.float32))
+        levels = torch.arange(self.n_levels, dtype=torch.float32)
+        scales = torch.exp2(levels * log2_scale) * float(self.base_resolution) - 1.0
+        table_size = 2**self.log2_hashmap_size
+
+        self.resolutions = [math.ceil(s) + 1 for s in scales.tolist()]
+        self.level_is_dense = [r**self.n_input_dims <= table_size for r in self.resolutions]
+        level_sizes = [
+            min(-(-(r**self.n_input_dims) // 8) * 8, table_size) for r in self.resolutions
+        ]
+        self.n_dense_levels = sum(self.level_is_dense)
+        self.level_sizes = level_sizes
+        self.level_offsets = [sum(level_sizes[:i]) for i in range(self.n_levels)]
+        self.n_table_entries = sum(level_sizes)
+
+        multipliers = [
+            [r**axis for axis in range(self.n_input_dims)] if dense else list(_PRIMES[: self.n_input_dims])
+            for r, dense in zip(self.resolutions, self.level_is_dense)
+        ]
+        # Device-following constants; not persistent: they follow from the config,
+        # and leaving them out keeps the state dict tcnn's ({"params"}).
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("multipliers", torch.tensor(multipliers, dtype=torch.int64), persistent=False)
+        self.register_buffer("sizes", torch.tensor(level_sizes, dtype=torch.int64), persistent=False)
+        self.register_buffer("offsets", torch.tensor(self.level_offsets, dtype=torch.int64), persistent=False)
+
+        self.params = nn.Parameter(
+            torch.empty(self.n_table_entries * self.n_features_per_level).uniform_(-1e-4, 1e-4)
+        )
+
+    @property
+    def n_output_dims(self) -> int:
+        return self.n_levels * self.n_features_per_level
+
+    def extra_repr(self) -> str:
+        return (
+            f"levels={self.n_levels} ({self.n_dense_levels} dense), features={self.n_features_per_level}, "
+            f"log2_hashmap_size={self.log2_hashmap_size}, resolutions={self.resolutions[0]}..{self.resolutions[-1]}"
+        )
+
+    def corner_indices(self, cell: torch.Tensor) -> torch.Tensor:
+        """Table rows [L, 2**d, N] of the corners of the cells whose low vertex is ``cell`` [L, d, N]."""
+        multipliers = self.multipliers[:, :, None]
+        low = cell * multipliers
+        per_axis = torch.stack((low, low + multipliers), dim=2)  # (c + 1) * m = c * m + m
+        index = torch.empty(cell.shape[0], 2**self.n_input_dims, cell.shape[2], dtype=torch.int64, device=cell.device)
+        dense, hashed = slice(0, self.n_dense_levels), slice(self.n_dense_levels, None)
+        # Dense: the modulo matters only at the far face, where x * scale + 0.5 can
+        # reach the vertex one past the grid; tcnn wraps it around, and so do we.
+        torch.remainder(_combine_corners(per_axis[dense], torch.add), self.sizes[dense, None, None], out=index[dense])
+        # Hashed: int64 products keep the low 32 bits of tcnn's uint32 products, and
+        # the table size is a power of two, so masking equals tcnn's "% size".
+        hashed_index = _combine_corners(per_axis[hashed], torch.bitwise_xor)
+        torch.bitwise_and(hashed_index, self.sizes[hashed, None, None] - 1, out=index[hashed])
+        index += self.offsets[:, None, None]
+        return index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_points, n_features = x.shape[0], self.n_features_per_level
+        # Layout [levels, ..., points, features]: CPU kernels are fast on long contiguous
+        # rows and slow when broadcasting over a short innermost dimension, so points and
+        # the (few) features of a table row stay innermost and broadcasts run over outer dims.
+        x = x.to(self.params.dtype).t().unsqueeze(-1).expand(-1, -1, n_features).contiguous()  # [d, N, F]
+        pos = x * self.scales[:, None, None, None] + 0.5  # [L, d, N, F] in grid units
+        cell = pos[..., 0].detach().floor()  # [L, d, N]
+        # The input gradient flows through the fractional position only (floor is
+        # piecewise constant), which is exactly the derivative of the interpolation.
+        frac = pos - cell.unsqueeze(-1)
+        index = self.corner_indices(cell.long())
+
+        table = self.params.view(-1, n_features)
+        values = table.index_select(0, index.view(-1)).view(*index.shape, n_features)  # [L, 2**d, N, F]
+        # d-linear interpolation as d rounds of lerps, halving the corners each round:
+        # cheaper than forming the 2**d corner weights, and autograd keeps fewer tensors.
+        # (unbind rather than indexing: its backward is one stack, not a zero-fill per axis.)
+        for axis_frac in frac.unsqueeze(2).unbind(1):  # [L, 1, N, F] per axis
+            low, high = values.unflatten(1, (2, -1)).unbind(1)
+            values = torch.lerp(low, high, axis_frac)
+        return values.squeeze(1).transpose(0, 1).reshape(n_points, self.n_output_dims)
+
+
+def _float32_output(module, inputs, output):
+    return output.float()
+
+
+def tcnn_hash_grid(tcnn, cfg: FieldConfig, n_input_dims: int = 3) -> nn.Module:
+    """tiny-cuda-nn's fused HashGrid for ``cfg``, returning float32 like :class:`HashGrid`.
+
+    It stays a plain ``tcnn.Encoding`` (the cast is a forward hook, not a wrapper)
+    so that its state dict is ``{"params"}`` with tcnn's layout, exactly like
+    :class:`HashGrid`'s: a checkpoint fitted on a GPU loads into the PyTorch grid
+    on a CPU machine and back. ``n_output_dims`` is tcnn's own attribute.
+    """
+    encoding = tcnn.Encoding(
+        n_input_dims=n_input_dims,
+        encoding_config={
+            "otype": "HashGrid",
+            "n_levels": cfg.n_levels,
+            "n_features_per_level": cfg.n_features_per_level,
+            "log2_hashmap_size": cfg.log2_hashmap_size,
+            "base_resolution": cfg.base_resolution,
+            "per_level_scale": cfg.per_level_scale,
+        },
+    )
+    # tcnn computes in half precision where that is fastest; callers get float32 either way.
+    encoding.register_forward_hook(_float32_output)
+    return encoding
+
+
+def _import_tcnn():
+    try:
+        import tinycudann
+    except ImportError:
+        return None
+    except Exception as error:  # a build for another GPU or CUDA fails with all sorts of errors
+        log.warning("tinycudann is installed but does not load (%s); using the PyTorch hash grid", error)
+        return None
+    return tinycudann
+
+
+def make_hash_grid(cfg: FieldConfig, device) -> nn.Module:
+    """tcnn's fused encoding where it can run (``use_tcnn="auto"``, CUDA, importable), else :class:`HashGrid`.
+
+    Both map [N, 3] in [0, 1] to [N, n_output_dims] float32 and expose ``n_output_dims``.
+    """
+    if cfg.use_tcnn not in ("auto", "never"):
+        raise BadInput(f"field.use_tcnn must be 'auto' or 'never', got '{cfg.use_tcnn}'")
+    device = torch.device(device)
+    if cfg.use_tcnn == "auto" and device.type == "cuda":
+        tcnn = _import_tcnn()
+        if tcnn is not None:
+            with torch.cuda.device(device):  # tcnn allocates on the current device
+                return tcnn_hash_grid(tcnn, cfg)
+    grid = HashGrid(
+        cfg.n_levels, cfg.n_features_per_level, cfg.log2_hashmap_size, cfg.base_resolution, cfg.per_level_scale
+    )
+    return grid.to(device)
