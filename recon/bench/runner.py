@@ -1,0 +1,284 @@
+"""Run the reconstruction over GSO objects and score each one, in-process or on a Ray cluster.
+
+    python -m recon.bench.runner DATA_ROOT --output-dir OUT [--objects-file LIST] [--prior reference]
+                                 [--config cpu] [--ray | --ray-address ADDR] [key=value ...]
+
+Per object ``<name>``, ``OUT/objects/<name>/`` is the object's run folder: the
+input view (``input.png``), whatever the reconstruction writes there, its
+``result.json`` and, after a failure, ``error.txt`` with the traceback.
+``OUT/results.csv``, ``results.json``, ``summary.md`` and ``scores.png``
+gather all objects (see :mod:`recon.bench.report`) and are rewritten after
+every object.
+
+Resuming: an object whose ``result.json`` says ``ok`` is not run again;
+failed objects are retried. One object's failure is recorded (status and
+message) and the others go on.
+
+With Ray each object is one task (one GPU per task when the cluster has GPUs).
+The driver writes every result file itself, so the report is complete on any
+cluster; the per-object folders are written by the workers, so on a
+multi-machine cluster ``OUT`` should be on a shared filesystem and ``recon``
+installed on every machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Union
+
+from recon.bench import gso
+from recon.bench.report import write_report
+from recon.config import Config, load_config, to_dict
+from recon.errors import BadInput, ReconError
+from recon.io_utils import write_bytes_atomic, write_json_atomic
+from recon.mesh.data import MeshData
+
+# The contract of the per-object reconstruction (recon.pipeline.reconstruct_object):
+#   reconstruct(gt_mesh, config, run_dir, prior) -> dict with at least these keys
+# (lpips may be None when LPIPS is unavailable) and, ideally, "seconds".
+REQUIRED_METRICS = ("chamfer", "volume_iou", "fscore", "psnr", "ssim", "lpips")
+Reconstruct = Callable[[MeshData, Config, Path, str], dict]
+
+RESULT_FILE = "result.json"
+INPUT_IMAGE = "input.png"
+ERROR_FILE = "error.txt"
+
+
+def default_reconstruct() -> Reconstruct:
+    """The pipeline's per-object reconstruction; a clear error when it is not there."""
+    try:
+        from recon.pipeline import reconstruct_object
+    except ImportError as error:
+        raise BadInput(f"the benchmark needs recon.pipeline.reconstruct_object, which cannot be imported: {error}") from None
+    return reconstruct_object
+
+
+def object_dir(output_dir: Path, name: str) -> Path:
+    return Path(output_dir) / "objects" / name
+
+
+def _float_or_none(value) -> Optional[float]:
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _failure(name: str, message: str, wall_seconds: Optional[float]) -> dict:
+    row = {"object": name, "status": "failed", "error": message, "wall_seconds": wall_seconds}
+    row.update({metric: None for metric in REQUIRED_METRICS})
+    row["seconds"] = None
+    return row
+
+
+def score_object(object_path: Path, config: Config, run_dir: Path, prior: str, reconstruct: Optional[Reconstruct] = None, elevation: float = 30.0) -> dict:
+    """Load one object, render its input view, reconstruct it and return its result row; never raises on failure.
+
+    The row has ``object``, ``status`` ("ok" or "failed"), the metrics, the
+    reconstruction's own ``seconds``, ``wall_seconds`` (loading, input
+    rendering and reconstruction), ``error`` and ``metrics`` (everything the
+    reconstruction returned).
+    """
+    name = gso.object_name(object_path)
+    run_dir = Path(run_dir)
+    started = time.monotonic()
+    try:
+        reconstruct = reconstruct or default_reconstruct()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a stale traceback from an earlier try would mislead
+        gt_mesh = gso.load_gso_object(object_path)
+        gso.save_rgba_png(run_dir / INPUT_IMAGE, gso.render_input_view(gt_mesh, config.eval, elevation=elevation))
+        # The fit must know the input's elevation (Zero123 conditions on it).
+        config = copy.deepcopy(config)
+        config.camera.reference_elevation = elevation
+        metrics = reconstruct(gt_mesh, config, run_dir, prior)
+        missing = [key for key in REQUIRED_METRICS if key not in metrics]
+        if missing:
+            raise RuntimeError(f"the reconstruction returned no {', '.join(missing)} (it must return {', '.join(REQUIRED_METRICS)})")
+        row = {"object": name, "status": "ok", "error": None}
+        row.update({key: _float_or_none(metrics[key]) for key in REQUIRED_METRICS})
+        row["seconds"] = _float_or_none(metrics.get("seconds"))
+        row["metrics"] = json.loads(json.dumps(metrics, default=str))  # plain JSON values only
+    except Exception as error:  # one object's failure must not stop the benchmark
+        message = f"{type(error).__name__}: {error}" if not isinstance(error, ReconError) else str(error)
+        row = _failure(name, message.strip() or type(error).__name__, None)
+        try:
+            write_bytes_atomic(run_dir / ERROR_FILE, traceback.format_exc().encode("utf-8"))
+        except OSError:
+            pass  # the row still carries the message
+    row["wall_seconds"] = round(time.monotonic() - started, 3)
+    return row
+
+
+def _previous_result(output_dir: Path, name: str) -> Optional[dict]:
+    """The saved row of an object already scored, or None (missing, unreadable or failed)."""
+    path = object_dir(output_dir, name) / RESULT_FILE
+    try:
+        row = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return row if isinstance(row, dict) and row.get("status") == "ok" else None
+
+
+def _resolve_objects(data_root: Path, objects: Union[None, str, Path, Sequence[str]]) -> List[Path]:
+    if objects is None:
+        return gso.list_objects(data_root)
+    if isinstance(objects, (str, Path)):
+        return gso.list_objects(data_root, objects_file=objects)
+    return gso.objects_to_paths(data_root, list(objects))
+
+
+def _run_in_process(todo: List[Path], run_one, record) -> None:
+    for path in todo:
+        record(run_one(path))
+
+
+def _run_on_ray(todo: List[Path], run_one, record, ray_address: Optional[str], log) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise BadInput("--ray needs Ray: pip install 'recon[bench]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=ray_address, include_dashboard=False) if ray_address else ray.init(include_dashboard=False)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        # One object per task; a task that dies (worker crash, out of memory) is
+        # recorded as failed rather than retried, like any other failure.
+        task = ray.remote(num_gpus=1 if gpus > 0 else 0, max_retries=0)(run_one)
+        log(f"ray: {len(todo)} object(s) on {ray.cluster_resources().get('CPU', 0):g} CPU(s), {gpus:g} GPU(s)")
+        pending = {task.remote(path): (gso.object_name(path), time.monotonic()) for path in todo}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name, submitted = pending.pop(done[0])
+            try:
+                row = ray.get(done[0])
+            except Exception as error:  # the task itself died: score_object never raises
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                row = _failure(name, f"ray task failed: {type(error).__name__}: {first_line}", round(time.monotonic() - submitted, 3))
+            record(row)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def run_benchmark(
+    data_root,
+    objects,
+    config: Config,
+    output_dir,
+    prior: str = "reference",
+    use_ray: bool = False,
+    ray_address: Optional[str] = None,
+    reconstruct: Optional[Reconstruct] = None,
+    elevation: float = 30.0,
+    log: Optional[Callable[[str], None]] = None,
+) -> List[dict]:
+    """Reconstruct and score GSO objects; returns one row per object (see :func:`score_object`).
+
+    ``objects``: None for every object under ``data_root``, a path to an
+    object-list file (one name a line), or a sequence of names. ``prior`` is
+    passed to the reconstruction as is ("reference", or a Zero123 model id or
+    path). ``reconstruct`` defaults to ``recon.pipeline.reconstruct_object``.
+    ``use_ray`` or a ``ray_address`` runs one Ray task per object.
+    """
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    started = time.monotonic()
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    data_root, output_dir = Path(data_root), Path(output_dir)
+    paths = _resolve_objects(data_root, objects)
+    reconstruct = reconstruct or default_reconstruct()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    rows = {}
+    todo = []
+    for path in paths:
+        previous = _previous_result(output_dir, gso.object_name(path))
+        if previous is not None:
+            rows[previous["object"]] = previous
+        else:
+            todo.append(path)
+    skipped = len(rows)
+    if skipped:
+        log(f"resuming: {skipped} object(s) already scored in {output_dir}, {len(todo)} to run")
+
+    def run_info() -> dict:
+        statuses = [row.get("status") for row in rows.values()]
+        return {
+            "prior": prior,
+            "data_root": str(data_root),
+            "output_dir": str(output_dir),
+            "started": started_at,
+            "wall_seconds": round(time.monotonic() - started, 3),
+            "objects": len(paths),
+            "ok": statuses.count("ok"),
+            "failed": len(statuses) - statuses.count("ok"),
+            "skipped_already_scored": skipped,
+            "ray": bool(use_ray or ray_address),
+            "ray_address": ray_address,
+            "elevation": elevation,
+            "config": to_dict(config),
+        }
+
+    def record(row: dict) -> None:
+        rows[row["object"]] = row
+        write_json_atomic(object_dir(output_dir, row["object"]) / RESULT_FILE, row)
+        write_report(output_dir, list(rows.values()), run_info())
+        done = len(rows) - skipped
+        summary = f"chamfer={row['chamfer']} volume_iou={row['volume_iou']}" if row["status"] == "ok" else row.get("error")
+        log(f"[{done}/{len(todo)}] {row['object']}: {row['status']} {summary} ({row.get('wall_seconds')} s)")
+
+    def run_one(path: Path) -> dict:
+        return score_object(path, config, object_dir(output_dir, gso.object_name(path)), prior, reconstruct, elevation)
+
+    if use_ray or ray_address:
+        _run_on_ray(todo, run_one, record, ray_address, log)
+    else:
+        _run_in_process(todo, run_one, record)
+    # Final write: the run's wall time covers everything (also when nothing was left to run).
+    write_report(output_dir, list(rows.values()), run_info())
+    return [rows[gso.object_name(path)] for path in paths]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recon.bench.runner", description="Reconstruct and score Google Scanned Objects (SyncDreamer protocol).")
+    parser.add_argument("data_root", help="folder with one GSO object per subfolder or .zip")
+    parser.add_argument("--output-dir", required=True, help="where results go; rerun with the same folder to resume")
+    parser.add_argument("--objects-file", help="text file, one object name a line (default: every object)")
+    parser.add_argument("--prior", default="reference", help="'reference' (ground-truth mesh) or a Zero123 model id / path")
+    parser.add_argument("--config", default=None, help="config preset name or YAML path")
+    parser.add_argument("--elevation", type=float, default=30.0, help="elevation of the input view, degrees")
+    parser.add_argument("--ray", action="store_true", help="run one Ray task per object on a local Ray instance")
+    parser.add_argument("--ray-address", default=None, help="address of a running Ray cluster (implies --ray)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        rows = run_benchmark(
+            args.data_root,
+            args.objects_file,
+            config,
+            args.output_dir,
+            prior=args.prior,
+            use_ray=args.ray,
+            ray_address=args.ray_address,
+            elevation=args.elevation,
+        )
+    except ReconError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    failed = sum(row["status"] != "ok" for row in rows)
+    print(f"{len(rows) - failed} of {len(rows)} object(s) scored; report in {Path(args.output_dir) / 'summary.md'}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
