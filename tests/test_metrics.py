@@ -258,3 +258,25 @@ def test_lpips_is_none_without_local_weights():
     result = metrics.image_metrics(images, images)
     assert result["lpips"] is None
     assert result["ssim"] == pytest.approx(1.0) and result["psnr"] == pytest.approx(100.0)
+
+
+def test_lpips_never_builds_a_model_without_local_backbone_weights(tmp_path, monkeypatch):
+    # Even with the lpips package importable (a stand-in module here, with its
+    # linear heads on disk), no model may be built, and so nothing downloaded,
+    # while the backbone's ImageNet weights are not in the torch hub cache.
+    import sys
+    import types
+
+    built = []
+    package = tmp_path / "lpips"
+    (package / "weights" / "v0.1").mkdir(parents=True)
+    (package / "weights" / "v0.1" / "vgg.pth").write_bytes(b"heads")
+    module = types.ModuleType("lpips")
+    module.__file__ = str(package / "__init__.py")
+    module.LPIPS = lambda **kwargs: built.append(kwargs)
+    monkeypatch.setitem(sys.modules, "lpips", module)
+    monkeypatch.setattr(metrics, "_LPIPS_MODELS", {})
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))
+    images = np.zeros((1, 32, 32, 3))
+    assert metrics.lpips_score(images, images) is None
+    assert built == []

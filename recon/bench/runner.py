@@ -148,7 +148,7 @@ def _run_on_ray(todo: List[Path], run_one, record, ray_address: Optional[str], l
         raise BadInput("--ray needs Ray: pip install 'recon[bench]'") from None
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=ray_address, include_dashboard=False) if ray_address else ray.init(include_dashboard=False)
+        ray.init(address=ray_address) if ray_address else ray.init(include_dashboard=False)
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         # One object per task; a task that dies (worker crash, out of memory) is
