@@ -69,3 +69,11 @@ def test_pose_vector_polar_form_of_stable_zero123():
     torch.testing.assert_close(got[:, 0], polar_change, rtol=0, atol=1e-12)
     torch.testing.assert_close(got[:, 1], torch.sin(torch.deg2rad(a_t - a_c)), rtol=0, atol=1e-12)
     torch.testing.assert_close(got[:, 3], torch.deg2rad(90 - e_c), rtol=0, atol=1e-12)
+
+
+def test_presets_select_the_pose_vector():
+    from recon.config import load_config
+
+    stable = load_config("stable-zero123").prior
+    assert stable.stable is True and stable.model.endswith("stable_zero123.ckpt")
+    assert load_config("zero123").prior.stable is False
