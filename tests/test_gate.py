@@ -13,9 +13,8 @@ from PIL import Image
 from recon.errors import MissingWeights, Refused
 from recon.gate import SafetyVerdict, load_safety_gate
 
-transformers = pytest.importorskip("transformers")
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig  # noqa: E402
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
 
 SIDE = 32  # the tiny CLIP's input resolution
 HUB_ID = "recon-tests/tiny-safety-checker"
@@ -312,3 +311,16 @@ def test_a_file_instead_of_a_directory_is_missing_weights(tmp_path, checker_dir)
     shutil.copy(checker_dir / "model.safetensors", weights)
     with pytest.raises(MissingWeights, match="not a directory"):
         load_safety_gate(str(weights), "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_verdict_matches_cpu(checker_dir):
+    images = [photo(seed=s) for s in range(3)]
+    on_cpu = load_safety_gate(str(checker_dir), "cpu")
+    on_gpu = load_safety_gate(str(checker_dir), "cuda")
+    for image in images:
+        cpu, gpu = on_cpu.check(image), on_gpu.check(image)
+        assert cpu.flagged == gpu.flagged
+        np.testing.assert_allclose(cpu.concept_scores, gpu.concept_scores, atol=1e-4)
+        np.testing.assert_allclose(cpu.special_scores, gpu.special_scores, atol=1e-4)
