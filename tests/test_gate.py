@@ -8,13 +8,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
 
 from recon.errors import MissingWeights, Refused
 from recon.gate import SafetyVerdict, load_safety_gate
-
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
 
 SIDE = 32  # the tiny CLIP's input resolution
 HUB_ID = "recon-tests/tiny-safety-checker"
