@@ -45,18 +45,30 @@ class MeshData:
         import trimesh
 
         if isinstance(mesh, trimesh.Scene):
-            mesh = mesh.dump(concatenate=True)
+            nodes = mesh.graph.nodes_geometry
+            if len(nodes) == 1:
+                # One mesh: take it whole, since concatenating (and copying) drops
+                # vertex attributes such as glTF COLOR_0; only a moved mesh is copied.
+                transform, name = mesh.graph[nodes[0]]
+                geometry = mesh.geometry[name]
+                mesh = geometry if np.allclose(transform, np.eye(4)) else geometry.copy().apply_transform(transform)
+            else:
+                mesh = mesh.dump(concatenate=True)
         vertices = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32)
         faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64)
         data = MeshData(vertices, faces)
         visual = mesh.visual
-        if getattr(visual, "kind", None) == "texture" and getattr(visual, "uv", None) is not None:
-            image = _material_image(visual.material)
+        if getattr(visual, "kind", None) == "texture":
+            image = _material_image(visual.material) if getattr(visual, "uv", None) is not None else None
+            attribute_colors = _attribute_colors(mesh)
             if image is not None:
                 # trimesh keeps one uv per vertex, so uv indices are the face indices
                 data.uvs = torch.as_tensor(np.asarray(visual.uv), dtype=torch.float32)
                 data.face_uvs = faces.clone()
                 data.texture = torch.as_tensor(image, dtype=torch.float32)
+            elif attribute_colors is not None:
+                # glTF COLOR_0 / OBJ vertex colours beside a material: trimesh files them as attributes
+                data.vertex_colors = torch.as_tensor(attribute_colors)
             else:
                 color = _material_color(visual.material)
                 if color is not None:
@@ -91,4 +103,14 @@ def _material_color(material) -> Optional[np.ndarray]:
         if color is not None:
             color = np.asarray(color, dtype=np.float32)[:3]
             return color / 255.0 if color.max() > 1.0 else color
+    return None
+
+
+def _attribute_colors(mesh) -> Optional[np.ndarray]:
+    for store in (getattr(mesh.visual, "vertex_attributes", {}), getattr(mesh, "vertex_attributes", {})):
+        colors = store.get("color")
+        if colors is not None and len(colors) == len(mesh.vertices):
+            colors = np.asarray(colors)
+            scale = 255.0 if np.issubdtype(colors.dtype, np.integer) else 1.0
+            return (colors[:, :3].astype(np.float32) / scale).clip(0.0, 1.0)
     return None
