@@ -139,19 +139,16 @@ def load_safety_gate(model: str, device, threshold_scale: float = 1.0, max_side:
     local = _local_directory(model)
     if local is None and _looks_like_path(model):
         raise MissingWeights(f"safety checker not found: {model} is not a directory. {_how_to_get(model)}")
-    if local is not None and (local / "safety_checker").is_dir():
-        checker_source, checker_kwargs = local, {"subfolder": "safety_checker"}
-        processor_source, processor_kwargs = local, {"subfolder": "feature_extractor"}
-    else:
-        source = local if local is not None else model
-        checker_source, checker_kwargs = source, {}
-        processor_source, processor_kwargs = source, {}
+    source = local if local is not None else model
+    checker_kwargs, processor_kwargs = {}, {}
+    if local is not None and (local / "safety_checker").is_dir():  # a whole Stable Diffusion pipeline folder
+        checker_kwargs, processor_kwargs = {"subfolder": "safety_checker"}, {"subfolder": "feature_extractor"}
 
     try:
         checker, info = _from_pretrained(
-            StableDiffusionSafetyChecker, checker_source, local is not None, output_loading_info=True, **checker_kwargs
+            StableDiffusionSafetyChecker, source, local is not None, output_loading_info=True, **checker_kwargs
         )
-        processor = _from_pretrained(CLIPImageProcessor, processor_source, local is not None, **processor_kwargs)
+        processor = _from_pretrained(CLIPImageProcessor, source, local is not None, **processor_kwargs)
     except Exception as error:  # OSError, ValueError, safetensors/JSON/pickle errors: all mean "no usable weights"
         raise MissingWeights(
             f"cannot load the safety checker from {_describe(model, local)}: {_first_line(error)}. {_how_to_get(model)}"
