@@ -189,3 +189,13 @@ def test_real_tiny_unet_gives_finite_gradients_to_the_renders(tiny_model, loaded
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     assert set(out) >= {"loss_sds", "t", "grad_norm"}
     assert all(isinstance(out[k], float) for k in out if k != "loss_sds")
+
+
+def test_speed_benchmark_stages_and_cpu_refusal(capsys):
+    from recon.bench import zero123_speed
+    from recon.config import load_config
+
+    assert zero123_speed.stage_lengths(load_config("zero123")) == [600, 600, 800]
+    if not torch.cuda.is_available():
+        assert zero123_speed.main([]) == 2  # the full-size model is for GPUs; --tiny is the CPU smoke test
+        assert "needs a CUDA GPU" in capsys.readouterr().out
