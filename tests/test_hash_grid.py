@@ -134,7 +134,7 @@ def test_points_on_the_faces_of_the_unit_cube():
 
 
 def test_dense_and_hashed_levels():
-    # CPU preset: scale = 16 * 1.3**l - 1 -> resolutions 16, 21, 28, 36, 46, ...; 36**3 = 46656 fits
+    # 12 levels, base 16, x1.3 per level: scale = 16 * 1.3**l - 1 -> resolutions 16, 21, 28, 36, 46, ...; 36**3 = 46656 fits
     # 2**16 = 65536 entries, 46**3 = 97336 does not.
     cpu = HashGrid(12, 2, 16, 16, 1.3)
     assert cpu.resolutions[:5] == [16, 21, 28, 36, 46]
@@ -164,7 +164,7 @@ def test_parameter_count_and_initialisation():
     assert cpu.params.abs().max() <= 1e-4
     assert cpu.params.std() > 0.5e-4  # uniform(-1e-4, 1e-4) has std 0.58e-4
     assert cpu.n_output_dims == 24
-    # Default preset: resolutions 16, 24, 34, 49, 71 dense (rounded up to multiples of 8), 11 hashed levels.
+    # The default FieldConfig: resolutions 16, 24, 34, 49, 71 dense (rounded up to multiples of 8), 11 hashed levels.
     default = HashGrid(16, 2, 19, 16, 1.447269)
     assert default.resolutions[:6] == [16, 24, 34, 49, 71, 102]
     assert default.params.numel() == 2 * (4096 + 13824 + 39304 + 117656 + 357912 + 11 * 2**19)
@@ -174,9 +174,9 @@ def test_make_hash_grid_on_cpu():
     cfg = load_config("cpu").field
     grid = make_hash_grid(cfg, "cpu")
     assert isinstance(grid, HashGrid)
-    assert grid.n_output_dims == cfg.n_levels * cfg.n_features_per_level == 24
+    assert grid.n_output_dims == cfg.n_levels * cfg.n_features_per_level
     out = grid(torch.rand(10, 3, dtype=torch.float64))  # any float input, float32 out
-    assert out.shape == (10, 24) and out.dtype == torch.float32
+    assert out.shape == (10, grid.n_output_dims) and out.dtype == torch.float32
     with pytest.raises(BadInput, match="use_tcnn"):
         make_hash_grid(FieldConfig(use_tcnn="always"), "cpu")
 

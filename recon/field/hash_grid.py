@@ -18,10 +18,12 @@ one grid whichever implementation runs it:
   name, initialised uniform(-1e-4, 1e-4).
 
 The pure PyTorch path works on every device and is what runs on CPU. It is
-vectorised over levels, points and the 2**d corners of each cell: one integer
-index tensor [levels, points, corners] and one gather. Levels come first in
-that layout so that each level's accesses stay inside its own (cache-sized)
-slice of the table.
+vectorised over levels, points and the 2**d corners of each cell: one int64
+index tensor [levels, corners, points] and one gather from the table. Levels
+come first so that consecutive lookups stay inside one level's slice of the
+table (better cache and TLB locality than interleaving all levels per point).
+Memory is about ``n_levels * 2**d * 24`` bytes per point at the peak of a
+forward pass, so callers chunk large batches (marching cubes, baking).
 """
 
 from __future__ import annotations
@@ -88,9 +90,8 @@ class HashGrid(nn.Module):
 
         self.resolutions = [math.ceil(s) + 1 for s in scales.tolist()]
         self.level_is_dense = [r**self.n_input_dims <= table_size for r in self.resolutions]
-        level_sizes = [
-            min(-(-(r**self.n_input_dims) // 8) * 8, table_size) for r in self.resolutions
-        ]
+        # tcnn rounds a level's dense size up to a multiple of 8 (aligned accesses).
+        level_sizes = [min((r**self.n_input_dims + 7) // 8 * 8, table_size) for r in self.resolutions]
         self.n_dense_levels = sum(self.level_is_dense)
         self.level_sizes = level_sizes
         self.level_offsets = [sum(level_sizes[:i]) for i in range(self.n_levels)]
