@@ -152,6 +152,7 @@ def test_weight_file_choice_prefers_safetensors_and_the_asked_precision():
     patterns = zero123_loading._download_patterns(repo, prefer_fp16=False)
     assert "unet/diffusion_pytorch_model.safetensors" in patterns
     assert not any(p.endswith(".bin") and p.startswith("unet/") for p in patterns)
+    assert not any(p.startswith("safety_checker/") for p in patterns)  # never used by the prior
 
 
 # ----------------------------------------------------------------------------- missing weights
@@ -185,9 +186,11 @@ def test_checkpoint_missing_a_part(tmp_path, reference_modules):
     assert "cc_projection" in str(error.value) and "not a Zero123 checkpoint" in str(error.value)
 
 
-def test_uncached_repo_offline_gives_the_download_command(tmp_path):
+def test_uncached_repo_offline_gives_the_download_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as with HF_HUB_OFFLINE=1
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda *a, **k: pytest.fail("went online while offline"))
     with pytest.raises(MissingWeights) as error:
-        load_zero123("someone/zero123-not-here", cache_dir=str(tmp_path), local_files_only=True)
+        load_zero123("someone/zero123-not-here", cache_dir=str(tmp_path))
     message = str(error.value)
     assert "hf download someone/zero123-not-here" in message
     assert "huggingface-cli download someone/zero123-not-here" in message
@@ -211,6 +214,7 @@ def test_cached_repo_loads_when_the_hub_is_unreachable(tmp_path, built, monkeypa
         raise ConnectionError("no route to huggingface.co")
 
     monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # even where CI sets it
     components = load_zero123("someone/zero123-tiny", cache_dir=str(tmp_path))
     assert asked == ["someone/zero123-tiny"]  # tried the hub first, then fell back to the cache
     assert components.projection.out_features == CLIP_DIM
@@ -225,3 +229,24 @@ def test_cached_repo_missing_a_component_says_how_to_fetch_it(tmp_path, built):
     with pytest.raises(MissingWeights) as error:
         load_zero123("someone/zero123-partial", cache_dir=str(tmp_path / "cache"), local_files_only=True)
     assert "missing vae" in str(error.value) and "hf download someone/zero123-partial" in str(error.value)
+
+
+def test_online_repo_fetches_only_the_needed_files(tmp_path, built, monkeypatch):
+    source = built["clip_camera_projection"]
+    listing = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file()) + ["safety_checker/model.safetensors"]
+    fetched = {}
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        assert not kwargs.get("local_files_only")
+        fetched.update(repo_id=repo_id, patterns=kwargs["allow_patterns"])
+        return str(source)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **kwargs: listing)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    components = load_zero123("someone/zero123-online", cache_dir=str(tmp_path))
+    assert fetched["repo_id"] == "someone/zero123-online"
+    assert "clip_camera_projection/diffusion_pytorch_model.safetensors" in fetched["patterns"]
+    assert "unet/diffusion_pytorch_model.safetensors" in fetched["patterns"]
+    assert "safety_checker/model.safetensors" not in fetched["patterns"]
+    assert components.unet.config.in_channels == 8

@@ -147,7 +147,9 @@ def _download_patterns(repo_files: Sequence[str], prefer_fp16: bool) -> List[str
     """Configs plus one weight format per component: a repo may hold fp32, fp16, .bin and .safetensors copies."""
     patterns = ["model_index.json", "*/*.json", "*.txt"]
     folders = sorted({name.split("/")[0] for name in repo_files if "/" in name})
-    for folder in folders:
+    # weights only for what the prior runs: not e.g. a 1.2 GB safety_checker/
+    needed = [f for f in folders if f in ("unet", "vae", "image_encoder") or "projection" in f.lower()]
+    for folder in needed:
         names = [name.split("/", 1)[1] for name in repo_files if name.startswith(folder + "/") and name.count("/") == 1]
         patterns += [f"{folder}/{name}" for name in _pick_weight_files(names, prefer_fp16)]
     return patterns
