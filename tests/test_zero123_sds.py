@@ -191,6 +191,26 @@ def test_real_tiny_unet_gives_finite_gradients_to_the_renders(tiny_model, loaded
     assert all(isinstance(out[k], float) for k in out if k != "loss_sds")
 
 
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_computes_the_same_sds_as_cpu(tiny_model, loaded):
+    generator = torch.Generator().manual_seed(5)
+    images = torch.rand(2, 48, 48, 3, generator=generator)
+    cameras = Cameras.make([20.0, 0.0], [60.0, -150.0], 2.0, 40.0)
+    t, noise = torch.tensor([300, 800]), torch.randn(2, 4, IMAGE_SIZE // 8, IMAGE_SIZE // 8, generator=generator)
+    results = []
+    for device in ("cpu", "cuda"):
+        cfg = PriorConfig(model=str(tiny_model), image_size=IMAGE_SIZE, half_precision=False)
+        prior = Zero123Prior(cfg, _reference(), Cameras.make(*REFERENCE_CAMERA, 40.0), torch.device(device), components=copy.deepcopy(loaded))
+        x = images.to(device).requires_grad_(True)
+        out = prior.sds_loss(x, cameras, step=0, t=t, noise=noise)
+        out["loss_sds"].backward()
+        results.append((out["loss_sds"].item(), x.grad.cpu()))
+    # cuDNN convolutions use TF32 by default: agreement to a few parts in a thousand
+    assert results[1][0] == pytest.approx(results[0][0], rel=5e-3)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=5e-3, atol=5e-3 * results[0][1].abs().max().item())
+
 def test_speed_benchmark_stages_and_cpu_refusal(capsys):
     from recon.bench import zero123_speed
     from recon.config import load_config
