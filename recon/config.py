@@ -104,7 +104,7 @@ class FitConfig:
     lambda_sparsity: float = 0.0
     lambda_opacity: float = 0.0
     lambda_normal_smooth: float = 0.0
-    reference_every: int = 1  # apply the reference-view losses every N steps
+    reference_rays: int = 0  # random reference-view rays per step (0: the whole view)
     checkpoint_every: int = 500
 
 
@@ -210,6 +210,18 @@ def load_config(preset: Optional[str] = None, overrides: Optional[List[str]] = N
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise BadInput(f"invalid config: {_one_line(error)}") from None
+
+
+def apply_overrides(config: Config, overrides: List[str]) -> Config:
+    """``key=value`` overrides on top of an existing config (``--export-only``, ``--resume``)."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise BadInput(f"malformed override '{item}': expected key=value, e.g. fit.steps=500")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(config), OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise BadInput(f"invalid config: {_one_line(error)}") from None

@@ -1,0 +1,175 @@
+"""Empty-space skipping: an occupancy grid over the field's box, and ray sampling through it.
+
+Two implementations of one function. On CUDA, nerfacc's ``OccGridEstimator``
+(fused kernels). Elsewhere a pure-PyTorch grid with the same update rule
+(exponential moving max of per-step opacity, binarised against
+``min(mean, threshold)``) and the same sampling rule (fixed steps from where
+the ray enters the box, kept only in occupied cells). Both return packed
+samples sorted by ray: ``(ray_indices [S], t_starts [S], t_ends [S])``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Tuple
+
+import torch
+
+Samples = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+EARLY_STOP_EPS = 1e-4  # nerfacc's default: a ray this opaque has finished
+
+
+def exclusive_sum_per_ray(values: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """Sum of the earlier samples' values on the same ray, for packed samples sorted by ray."""
+    total = torch.cumsum(values, 0)
+    counts = torch.bincount(ray_indices, minlength=n_rays)
+    before_ray = torch.cumsum(counts, 0) - counts  # index of each ray's first sample
+    start = (total - values)[before_ray.clamp(max=max(values.numel() - 1, 0))]
+    return total - values - start[ray_indices]
+
+
+def ray_box_intersection(origins: torch.Tensor, directions: torch.Tensor, radius: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Entry and exit distances of rays with the box [-radius, radius]^3 (t_near >= 0; miss: t_near >= t_far)."""
+    safe = torch.where(directions.abs() < 1e-9, torch.full_like(directions, 1e-9), directions)
+    t0 = (-radius - origins) / safe
+    t1 = (radius - origins) / safe
+    t_near = torch.minimum(t0, t1).amax(dim=-1).clamp(min=0.0)
+    t_far = torch.maximum(t0, t1).amin(dim=-1)
+    return t_near, t_far
+
+
+class TorchOccupancyGrid:
+    """Occupancy grid in plain PyTorch (CPU path, and the reference for the CUDA one)."""
+
+    def __init__(self, radius: float, resolution: int, device):
+        self.radius = radius
+        self.resolution = resolution
+        self.device = torch.device(device)
+        n = resolution**3
+        # Everything counts as occupied until the first update; the running
+        # opacity starts at zero (as nerfacc's does) so that update decides alone.
+        self.occupancy = torch.zeros(n, device=self.device)
+        self.binary = torch.ones(resolution, resolution, resolution, dtype=torch.bool, device=self.device)
+
+    def _cell_centres(self) -> torch.Tensor:
+        r = self.resolution
+        index = torch.arange(r, device=self.device)
+        grid = torch.stack(torch.meshgrid(index, index, index, indexing="ij"), dim=-1).reshape(-1, 3)
+        return grid
+
+    def update(self, opacity_fn: Callable[[torch.Tensor], torch.Tensor], threshold: float, ema_decay: float = 0.95, generator=None) -> None:
+        """Refresh every cell from ``opacity_fn`` at a random point inside it."""
+        cells = self._cell_centres().float()
+        jitter = torch.rand(cells.shape, generator=generator).to(self.device)
+        points = ((cells + jitter) / self.resolution * 2.0 - 1.0) * self.radius
+        with torch.no_grad():
+            fresh = torch.cat([opacity_fn(chunk).reshape(-1) for chunk in points.split(262144)])
+        self.occupancy = torch.maximum(self.occupancy * ema_decay, fresh)
+        cut = min(self.occupancy.mean().item(), threshold)
+        self.binary = (self.occupancy > cut).reshape(self.resolution, self.resolution, self.resolution)
+
+    def occupied(self, points: torch.Tensor) -> torch.Tensor:
+        """Whether each world point [..., 3] lies in an occupied cell (False outside the box)."""
+        unit = (points / self.radius + 1.0) * 0.5
+        inside = ((unit >= 0.0) & (unit < 1.0)).all(dim=-1)
+        index = (unit.clamp(0.0, 1.0 - 1e-6) * self.resolution).long()
+        return inside & self.binary[index[..., 0], index[..., 1], index[..., 2]]
+
+    def sample(
+        self, origins: torch.Tensor, directions: torch.Tensor, step_size: float, stratified: bool, sigma_fn=None, generator=None
+    ) -> Samples:
+        """Fixed-step samples from the box entry, kept where the grid is occupied.
+
+        With ``sigma_fn`` (densities of packed samples, evaluated without
+        gradients), samples behind the point where a ray's transmittance drops
+        below ``EARLY_STOP_EPS`` are dropped too: nerfacc's rule, so that the
+        costly pass with gradients only sees samples that can contribute.
+        """
+        t_near, t_far = ray_box_intersection(origins, directions, self.radius)
+        n_steps = math.ceil(2.0 * math.sqrt(3.0) * self.radius / step_size)
+        offset = torch.rand(origins.shape[0], 1, generator=generator).to(origins.device) if stratified else 0.0
+        t_starts = t_near[:, None] + (torch.arange(n_steps, device=origins.device)[None] + offset) * step_size
+        t_ends = t_starts + step_size
+        midpoints = origins[:, None] + directions[:, None] * (0.5 * (t_starts + t_ends))[..., None]
+        keep = (t_ends <= t_far[:, None]) & self.occupied(midpoints)
+        ray_indices, sample_indices = keep.nonzero(as_tuple=True)  # row-major: sorted by ray, then t
+        t_starts, t_ends = t_starts[ray_indices, sample_indices], t_ends[ray_indices, sample_indices]
+        if sigma_fn is None or ray_indices.numel() == 0:
+            return ray_indices, t_starts, t_ends
+        with torch.no_grad():
+            optical_depth = sigma_fn(t_starts, t_ends, ray_indices) * (t_ends - t_starts)
+            transmittance = torch.exp(-exclusive_sum_per_ray(optical_depth, ray_indices, origins.shape[0]))
+        alive = transmittance > EARLY_STOP_EPS
+        return ray_indices[alive], t_starts[alive], t_ends[alive]
+
+    def state_dict(self) -> dict:
+        return {"occupancy": self.occupancy.cpu(), "binary": self.binary.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.occupancy = state["occupancy"].to(self.device)
+        self.binary = state["binary"].to(self.device)
+
+    @property
+    def occupied_fraction(self) -> float:
+        return self.binary.float().mean().item()
+
+
+class NerfaccOccupancyGrid:
+    """nerfacc's CUDA occupancy grid behind the same interface."""
+
+    def __init__(self, radius: float, resolution: int, device):
+        import nerfacc
+
+        self.radius = radius
+        self.resolution = resolution
+        self.estimator = nerfacc.OccGridEstimator(
+            roi_aabb=[-radius, -radius, -radius, radius, radius, radius], resolution=resolution, levels=1
+        ).to(device)
+        # Like the torch grid: all cells occupied until the first update.
+        self.estimator.binaries.fill_(True)
+
+    def update(self, opacity_fn, threshold: float, ema_decay: float = 0.95, generator=None) -> None:
+        # step 0 with warmup forces nerfacc to refresh every cell, as the torch grid does.
+        self.estimator.train()
+        self.estimator.update_every_n_steps(
+            step=0, occ_eval_fn=lambda x: opacity_fn(x).reshape(-1, 1), occ_thre=threshold, ema_decay=ema_decay, warmup_steps=1, n=1
+        )
+
+    def occupied(self, points: torch.Tensor) -> torch.Tensor:
+        unit = (points / self.radius + 1.0) * 0.5
+        inside = ((unit >= 0.0) & (unit < 1.0)).all(dim=-1)
+        index = (unit.clamp(0.0, 1.0 - 1e-6) * self.resolution).long()
+        return inside & self.estimator.binaries[0][index[..., 0], index[..., 1], index[..., 2]]
+
+    def sample(self, origins, directions, step_size: float, stratified: bool, sigma_fn=None, generator=None) -> Samples:
+        t_near, t_far = ray_box_intersection(origins, directions, self.radius)
+        ray_indices, t_starts, t_ends = self.estimator.sampling(
+            origins.contiguous(),
+            directions.contiguous(),
+            sigma_fn=sigma_fn,
+            early_stop_eps=EARLY_STOP_EPS,
+            t_min=t_near.contiguous(),
+            t_max=t_far.clamp(min=0.0).contiguous(),
+            render_step_size=step_size,
+            stratified=stratified,
+        )
+        return ray_indices.long(), t_starts, t_ends
+
+    def state_dict(self) -> dict:
+        return {"occupancy": self.estimator.occs.cpu(), "binary": self.estimator.binaries[0].cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.estimator.occs.copy_(state["occupancy"].reshape(self.estimator.occs.shape))
+        self.estimator.binaries[0].copy_(state["binary"])
+
+    @property
+    def occupied_fraction(self) -> float:
+        return self.estimator.binaries.float().mean().item()
+
+
+def make_occupancy_grid(radius: float, resolution: int, device):
+    """nerfacc on CUDA, the torch grid elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return NerfaccOccupancyGrid(radius, resolution, device)
+    return TorchOccupancyGrid(radius, resolution, device)

@@ -1,0 +1,158 @@
+"""Volume rendering of the radiance field.
+
+Rays -> samples in occupied space (recon.render.occupancy) -> field at the
+samples -> nerfacc's compositing. nerfacc composites packed samples on CUDA;
+its packed kernels have no CPU build, so on the CPU the same samples are laid
+out as a padded [rays, max samples] batch for nerfacc's dense functions, which
+are plain PyTorch. Padding has zero length, so it contributes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import nerfacc
+import torch
+
+from recon.camera import Cameras, generate_rays
+from recon.config import RenderConfig
+
+
+def step_size(radius: float, cfg: RenderConfig) -> float:
+    """Marching step: ``n_samples_per_ray`` steps across the box's diagonal."""
+    return 2.0 * math.sqrt(3.0) * radius / cfg.n_samples_per_ray
+
+
+def composite(
+    ray_indices: torch.Tensor,
+    t_starts: torch.Tensor,
+    t_ends: torch.Tensor,
+    densities: torch.Tensor,
+    values: Dict[str, torch.Tensor],
+    n_rays: int,
+) -> Dict[str, torch.Tensor]:
+    """Weights from densities, then each value [S, C] accumulated per ray -> [n_rays, C]; plus opacity."""
+    if densities.is_cuda:
+        weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, densities, ray_indices=ray_indices, n_rays=n_rays)
+        out = {name: nerfacc.accumulate_along_rays(weights, v, ray_indices=ray_indices, n_rays=n_rays) for name, v in values.items()}
+        out["opacity"] = nerfacc.accumulate_along_rays(weights, None, ray_indices=ray_indices, n_rays=n_rays)
+        out["weights"] = weights
+        return out
+
+    counts = torch.bincount(ray_indices, minlength=n_rays)
+    width = int(counts.max().item()) if ray_indices.numel() else 0
+    position = torch.arange(ray_indices.numel(), device=ray_indices.device) - (torch.cumsum(counts, 0) - counts)[ray_indices]
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros((n_rays, width) + x.shape[1:])
+        out[ray_indices, position] = x
+        return out
+
+    weights_dense, _, _ = nerfacc.render_weight_from_density(padded(t_starts), padded(t_ends), padded(densities))
+    out = {name: nerfacc.accumulate_along_rays(weights_dense, padded(v)) for name, v in values.items()}
+    out["opacity"] = nerfacc.accumulate_along_rays(weights_dense, None)
+    out["weights"] = weights_dense[ray_indices, position]
+    return out
+
+
+@dataclass
+class RayBundle:
+    rgb: torch.Tensor  # [R, 3] over the background
+    opacity: torch.Tensor  # [R, 1]
+    depth: torch.Tensor  # [R, 1] expected distance (0 where empty)
+    normal: Optional[torch.Tensor] = None  # [R, 3] accumulated world normals
+    orientation: Optional[torch.Tensor] = None  # [R] penalty of normals facing away from the camera
+    n_samples: int = 0
+
+
+def render_rays(
+    field,
+    occupancy,
+    origins: torch.Tensor,
+    directions: torch.Tensor,
+    cfg: RenderConfig,
+    background: torch.Tensor,
+    stratified: bool = False,
+    normals: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> RayBundle:
+    """Render rays [R, 3]; ``normals`` also accumulates normals and the orientation penalty."""
+    n_rays = origins.shape[0]
+    step = step_size(field.radius, cfg)
+
+    def sigma_fn(t_starts, t_ends, ray_indices):
+        points = origins[ray_indices] + directions[ray_indices] * (0.5 * (t_starts + t_ends))[:, None]
+        return field.density(points)
+
+    ray_indices, t_starts, t_ends = occupancy.sample(origins, directions, step, stratified, sigma_fn=sigma_fn, generator=generator)
+    midpoints = origins[ray_indices] + directions[ray_indices] * (0.5 * (t_starts + t_ends))[:, None]
+    if normals:
+        density, albedo, normal = field.density_and_normal(midpoints, create_graph=torch.is_grad_enabled())
+    else:
+        density, albedo = field(midpoints)
+    values = {"rgb": albedo, "depth": (0.5 * (t_starts + t_ends))[:, None]}
+    if normals:
+        values["normal"] = normal
+    out = composite(ray_indices, t_starts, t_ends, density, values, n_rays)
+    opacity = out["opacity"]
+    bundle = RayBundle(
+        rgb=out["rgb"] + (1.0 - opacity) * background,
+        opacity=opacity,
+        depth=out["depth"],
+        n_samples=int(ray_indices.numel()),
+    )
+    if normals:
+        bundle.normal = out["normal"]
+        # Ref-NeRF's orientation loss: visible samples should not face away from the camera.
+        facing_away = torch.relu((normal * directions[ray_indices]).sum(-1)) ** 2
+        bundle.orientation = torch.zeros(n_rays, device=origins.device).index_add(0, ray_indices, out["weights"].detach() * facing_away)
+    return bundle
+
+
+@dataclass
+class ImageBatch:
+    rgb: torch.Tensor  # [N, H, W, 3]
+    opacity: torch.Tensor  # [N, H, W, 1]
+    depth: torch.Tensor  # [N, H, W, 1]
+    normal: Optional[torch.Tensor] = None  # [N, H, W, 3]
+    orientation: Optional[torch.Tensor] = None  # [N, H, W]
+    n_samples: int = 0
+
+
+def render_images(
+    field,
+    occupancy,
+    cameras: Cameras,
+    resolution: int,
+    cfg: RenderConfig,
+    stratified: bool = False,
+    normals: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> ImageBatch:
+    """Render whole views. With gradients on, one pass; without, in chunks of ``cfg.chunk_rays``."""
+    origins, directions = generate_rays(cameras, resolution)
+    shape = origins.shape[:3]
+    origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
+    background = torch.as_tensor(cfg.background, dtype=torch.float32, device=origins.device)
+    chunk = origins.shape[0] if torch.is_grad_enabled() else cfg.chunk_rays
+    parts = [
+        render_rays(field, occupancy, o, d, cfg, background, stratified, normals, generator)
+        for o, d in zip(origins.split(chunk), directions.split(chunk))
+    ]
+
+    def gather(name):
+        if getattr(parts[0], name) is None:
+            return None
+        joined = torch.cat([getattr(p, name) for p in parts])
+        return joined.reshape(*shape, *joined.shape[1:])
+
+    return ImageBatch(
+        rgb=gather("rgb"),
+        opacity=gather("opacity"),
+        depth=gather("depth"),
+        normal=gather("normal"),
+        orientation=gather("orientation"),
+        n_samples=sum(p.n_samples for p in parts),
+    )
