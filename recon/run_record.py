@@ -1,0 +1,66 @@
+"""run.json: what a run was asked, what it used, and how it ended.
+
+Written at the start (status "running") and rewritten atomically whenever
+something worth keeping happens, so a crash or Ctrl-C still leaves a readable
+record. Status is one of: running, ok, refused, failed, interrupted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from recon.io_utils import write_json_atomic
+
+KEY_PACKAGES = ("recon", "torch", "diffusers", "transformers", "nerfacc", "tinycudann", "trimesh", "PyMCubes", "xatlas", "omegaconf", "numpy")
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+    versions: Dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in KEY_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+class RunRecord:
+    def __init__(self, run_dir: Path, **fields: Any):
+        self.path = Path(run_dir) / "run.json"
+        self.data: Dict[str, Any] = {
+            "status": "running",
+            "started": _now(),
+            "finished": None,
+            "command": sys.argv,
+            "versions": package_versions(),
+        }
+        self.data.update(fields)
+
+    @staticmethod
+    def load(run_dir: Path) -> "RunRecord":
+        import json
+
+        record = RunRecord.__new__(RunRecord)
+        record.path = Path(run_dir) / "run.json"
+        record.data = json.loads(record.path.read_text())
+        return record
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def finish(self, status: str, **fields: Any) -> None:
+        self.data.update(fields, status=status, finished=_now())
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
