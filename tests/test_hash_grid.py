@@ -134,8 +134,8 @@ def test_points_on_the_faces_of_the_unit_cube():
 
 
 def test_dense_and_hashed_levels():
-    # 12 levels, base 16, x1.3 per level: scale = 16 * 1.3**l - 1 -> resolutions 16, 21, 28, 36, 46, ...; 36**3 = 46656 fits
-    # 2**16 = 65536 entries, 46**3 = 97336 does not.
+    # 12 levels, base 16, x1.3 per level: scale = 16 * 1.3**l - 1 -> resolutions 16, 21, 28, 36, 46, ...;
+    # 36**3 = 46656 fits 2**16 = 65536 entries, 46**3 = 97336 does not.
     cpu = HashGrid(12, 2, 16, 16, 1.3)
     assert cpu.resolutions[:5] == [16, 21, 28, 36, 46]
     assert cpu.level_is_dense == [True] * 4 + [False] * 8

@@ -44,17 +44,22 @@ log = logging.getLogger(__name__)
 _PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
 
 
-def _combine_corners(per_axis: torch.Tensor, op) -> torch.Tensor:
-    """Table indices per axis [L, d, 2, N] (low and high vertex) -> per corner [L, 2**d, N].
+def _combine_corners(per_axis: torch.Tensor, op, out: torch.Tensor) -> torch.Tensor:
+    """Table indices per axis [L, d, 2, N] (low and high vertex) -> per corner, into ``out`` [L, 2**d, N].
 
     Corner ``k`` takes the high vertex along axis ``a`` when bit ``d - 1 - a`` of
     ``k`` is set (axis 0 is the most significant bit); the interpolation in
-    :meth:`HashGrid.forward` walks the corners in the same order.
+    :meth:`HashGrid.forward` walks the corners in the same order. The last round
+    writes straight into ``out``, which spares the largest temporary.
     """
+    n_axes = per_axis.shape[1]
+    if n_axes == 1:
+        return out.copy_(per_axis[:, 0])
     combined = per_axis[:, 0]
-    for axis in range(1, per_axis.shape[1]):
+    for axis in range(1, n_axes - 1):
         combined = op(combined.unsqueeze(2), per_axis[:, axis].unsqueeze(1)).flatten(1, 2)
-    return combined
+    op(combined.unsqueeze(2), per_axis[:, -1].unsqueeze(1), out=out.unflatten(1, (-1, 2)))
+    return out
 
 
 class HashGrid(nn.Module):
@@ -125,17 +130,18 @@ class HashGrid(nn.Module):
     def corner_indices(self, cell: torch.Tensor) -> torch.Tensor:
         """Table rows [L, 2**d, N] of the corners of the cells whose low vertex is ``cell`` [L, d, N]."""
         multipliers = self.multipliers[:, :, None]
-        low = cell * multipliers
-        per_axis = torch.stack((low, low + multipliers), dim=2)  # (c + 1) * m = c * m + m
+        per_axis = (cell * multipliers).unsqueeze(2).repeat(1, 1, 2, 1)  # [L, d, 2, N], low vertex twice
+        per_axis[:, :, 1] += multipliers  # the high vertex: (c + 1) * m = c * m + m
         index = torch.empty(cell.shape[0], 2**self.n_input_dims, cell.shape[2], dtype=torch.int64, device=cell.device)
         dense, hashed = slice(0, self.n_dense_levels), slice(self.n_dense_levels, None)
         # Dense: the modulo matters only at the far face, where x * scale + 0.5 can
         # reach the vertex one past the grid; tcnn wraps it around, and so do we.
-        torch.remainder(_combine_corners(per_axis[dense], torch.add), self.sizes[dense, None, None], out=index[dense])
+        _combine_corners(per_axis[dense], torch.add, out=index[dense]).remainder_(self.sizes[dense, None, None])
         # Hashed: int64 products keep the low 32 bits of tcnn's uint32 products, and
         # the table size is a power of two, so masking equals tcnn's "% size".
-        hashed_index = _combine_corners(per_axis[hashed], torch.bitwise_xor)
-        torch.bitwise_and(hashed_index, self.sizes[hashed, None, None] - 1, out=index[hashed])
+        _combine_corners(per_axis[hashed], torch.bitwise_xor, out=index[hashed]).bitwise_and_(
+            self.sizes[hashed, None, None] - 1
+        )
         index += self.offsets[:, None, None]
         return index
 
@@ -149,11 +155,13 @@ class HashGrid(nn.Module):
         cell = pos[..., 0].detach().floor()  # [L, d, N]
         # The input gradient flows through the fractional position only (floor is
         # piecewise constant), which is exactly the derivative of the interpolation.
-        frac = pos - cell.unsqueeze(-1)
-        index = self.corner_indices(cell.long())
-
+        # In place: pos is not needed any more, and autograd does not need it either.
+        frac = pos.sub_(cell.unsqueeze(-1))
+        # The index tensor is the largest temporary: inline so that it is freed right
+        # after the gather when autograd does not keep it.
         table = self.params.view(-1, n_features)
-        values = table.index_select(0, index.view(-1)).view(*index.shape, n_features)  # [L, 2**d, N, F]
+        values = table.index_select(0, self.corner_indices(cell.long()).view(-1))
+        values = values.view(self.n_levels, 2**self.n_input_dims, n_points, n_features)
         # d-linear interpolation as d rounds of lerps, halving the corners each round:
         # cheaper than forming the 2**d corner weights, and autograd keeps fewer tensors.
         # (unbind rather than indexing: its backward is one stack, not a zero-fill per axis.)
