@@ -129,10 +129,13 @@ class HashGrid(nn.Module):
 
     def corner_indices(self, cell: torch.Tensor) -> torch.Tensor:
         """Table rows [L, 2**d, N] of the corners of the cells whose low vertex is ``cell`` [L, d, N]."""
+        n_levels, n_axes, n_points = cell.shape
         multipliers = self.multipliers[:, :, None]
-        per_axis = (cell * multipliers).unsqueeze(2).repeat(1, 1, 2, 1)  # [L, d, 2, N], low vertex twice
-        per_axis[:, :, 1] += multipliers  # the high vertex: (c + 1) * m = c * m + m
-        index = torch.empty(cell.shape[0], 2**self.n_input_dims, cell.shape[2], dtype=torch.int64, device=cell.device)
+        per_axis = cell.new_empty(n_levels, n_axes, 2, n_points)  # index terms of the low and high vertex
+        low, high = per_axis.unbind(2)
+        torch.mul(cell, multipliers, out=low)
+        torch.add(low, multipliers, out=high)  # (c + 1) * m = c * m + m
+        index = cell.new_empty(n_levels, 2**n_axes, n_points)
         dense, hashed = slice(0, self.n_dense_levels), slice(self.n_dense_levels, None)
         # Dense: the modulo matters only at the far face, where x * scale + 0.5 can
         # reach the vertex one past the grid; tcnn wraps it around, and so do we.
