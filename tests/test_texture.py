@@ -148,3 +148,17 @@ def test_query_albedo_chunks_and_clamps():
     assert sizes == [300, 300, 300, 100]
     assert colors.min() == 0.0 and colors.max() == 1.0
     assert torch.allclose(colors[600], (points[600] * 2).clamp(0, 1))
+
+
+def test_bake_speed_benchmark_writes_its_json(tmp_path):
+    import json
+
+    from recon.bench.bake_speed import main
+
+    output = tmp_path / "bake_speed.json"
+    main(["--grid", "40", "--size", "128", "--repeats", "1", "--output", str(output)])
+    result = json.loads(output.read_text())
+    for key in ("unwrap_s", "uv_rasterize_s", "albedo_query_s", "seam_fill_s", "bake_total_s"):
+        assert result[key] > 0
+    assert result["machine"]["cpu_count"] >= 1 and result["mesh"]["faces"] > 1000
+    assert 0.2 < result["texel_coverage"] < 1.0

@@ -1,0 +1,115 @@
+"""How long texturing takes: xatlas unwrap, then baking a 1024x1024 texture.
+
+    python -m recon.bench.bake_speed                 # ~50k faces, 1024 texels, writes results/bake_speed.json
+    python -m recon.bench.bake_speed --size 2048     # other texture sizes / mesh resolutions
+
+The mesh is marching cubes of a bumpy blob (an SDF, so nothing binary is
+stored) at a grid resolution that gives about 50k faces, like the meshes that
+the extract stage hands over. The albedo function is a cheap formula, so the
+"albedo queries" time is the chunking overhead; with the real field add the
+field's own cost. Each bake stage is timed on its own, then the whole
+``bake_texture`` call (not counting the unwrap, which is timed separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recon.io_utils import write_json_atomic
+from recon.mesh.data import MeshData
+from recon.mesh.texture import bake_texture, fill_seams, query_albedo, texel_points, unwrap
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bake_speed.json"
+
+
+def bumpy_blob(grid: int) -> MeshData:
+    """Marching cubes of a sphere with sinusoidal bumps, inside [-1, 1]^3."""
+    import mcubes
+
+    axis = np.linspace(-1.0, 1.0, grid)
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    sdf = np.sqrt(x**2 + y**2 + z**2) - 0.6 - 0.08 * np.sin(6 * x) * np.sin(6 * y) * np.sin(6 * z)
+    vertices, faces = mcubes.marching_cubes(-sdf, 0.0)
+    vertices = vertices / (grid - 1) * 2.0 - 1.0
+    return MeshData(torch.as_tensor(vertices, dtype=torch.float32), torch.as_tensor(faces.astype(np.int64)))
+
+
+def analytic_albedo(points: torch.Tensor) -> torch.Tensor:
+    return 0.5 + 0.5 * torch.sin(5.0 * points + torch.tensor([0.0, 2.0, 4.0]))
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", type=int, default=125, help="marching cubes grid (125 gives ~52k faces)")
+    parser.add_argument("--size", type=int, default=1024, help="texture size in texels")
+    parser.add_argument("--padding", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="bake runs; the fastest is reported")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    mesh = bumpy_blob(args.grid)
+    print(f"mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces; texture {args.size}x{args.size}")
+    unwrapped, unwrap_s = timed(unwrap, mesh, size=args.size, padding=args.padding)
+    print(f"unwrap (xatlas)     {unwrap_s:7.2f} s")
+
+    stages = {"uv_rasterize_s": [], "albedo_query_s": [], "seam_fill_s": [], "bake_total_s": []}
+    for _ in range(args.repeats):
+        (mask, points), seconds = timed(texel_points, unwrapped, args.size)
+        stages["uv_rasterize_s"].append(seconds)
+        colors, seconds = timed(query_albedo, analytic_albedo, points)
+        stages["albedo_query_s"].append(seconds)
+        texture = torch.zeros(args.size, args.size, 3)
+        texture[mask] = colors
+        _, seconds = timed(fill_seams, texture, mask)
+        stages["seam_fill_s"].append(seconds)
+        _, seconds = timed(bake_texture, unwrapped, analytic_albedo, size=args.size, padding=args.padding)
+        stages["bake_total_s"].append(seconds)
+    best = {name: min(values) for name, values in stages.items()}
+    for name, value in best.items():
+        print(f"{name[:-2].replace('_', ' '):19s} {value:7.2f} s")
+    coverage = float(mask.float().mean())
+    print(f"texels covered by charts: {coverage:.1%}")
+
+    result = {
+        "benchmark": "bake_speed",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            # other work on the machine slows every timing; this says how busy it was
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        },
+        "mesh": {"vertices": len(mesh.vertices), "faces": len(mesh.faces), "uv_vertices": len(unwrapped.uvs)},
+        "texture_size": args.size,
+        "padding": args.padding,
+        "texel_coverage": coverage,
+        "unwrap_s": unwrap_s,
+        **best,
+        "runs": stages,
+        "target": "bake_total_s < 15 on a 2-core CPU (unwrap not counted)",
+    }
+    write_json_atomic(args.output, result)
+    print(f"wrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
