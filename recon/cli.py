@@ -1,0 +1,182 @@
+"""The command line: flags -> config -> pipeline, failures -> one line and an exit code.
+
+Exit codes: 0 done, 2 bad input or usage, 3 refused by the safety gate,
+4 missing model weights, 130 interrupted (a checkpoint is kept for --resume),
+1 an unexpected error (a bug: the traceback goes to error.log in the run dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+from recon.config import Config, apply_overrides, load_config
+from recon.errors import BadInput, ReconError
+
+EXAMPLES = """examples:
+  python launch.py --image chair.png
+  python launch.py --image chair.png --config cpu --steps 300 --output outputs/chair-quick
+  python launch.py --image mug.jpg --mask mug-mask.png --elevation 15 fit.lambda_sds=0.05
+  python launch.py --reference-mesh object.obj --config cpu        # self-check, no weights needed
+  python launch.py --export-only outputs/chair-20261125-101500 texture.size=2048 extract.resolution=384
+  python launch.py --resume outputs/chair-20261125-101500
+  python launch.py --benchmark gso --data-root GSO/ --objects list.txt --prior reference --config cpu
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch.py",
+        description="recon: one photo of an object in, a textured 3D asset (GLB, OBJ) out.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    job = p.add_mutually_exclusive_group(required=True)
+    job.add_argument("--image", metavar="PATH", help="photo of one object (PNG/JPEG/WebP/BMP/TIFF/GIF), e.g. --image chair.png")
+    job.add_argument("--reference-mesh", metavar="MESH", help="self-check: reconstruct a known mesh with the reference prior and score it, e.g. --reference-mesh mug.obj")
+    job.add_argument("--export-only", metavar="RUN_DIR", help="re-export a finished run from its checkpoint with new export settings, e.g. --export-only outputs/chair-20261125-101500 texture.size=2048")
+    job.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint, e.g. --resume outputs/chair-20261125-101500")
+    job.add_argument("--benchmark", choices=["gso"], help="run a benchmark over a dataset, e.g. --benchmark gso --data-root GSO/")
+    p.add_argument("--config", metavar="PRESET", help="preset name (zero123, cpu, stable-zero123) or a YAML path; default zero123, e.g. --config cpu")
+    p.add_argument("--output", metavar="DIR", help="the run directory itself (must not exist yet); default outputs/<image-stem>-<time>/")
+    p.add_argument("--prior", metavar="ID_OR_PATH", help="Zero123 weights: hub id, diffusers folder or .ckpt file ('reference' for benchmarks), e.g. --prior ./zero123-xl")
+    gate = p.add_mutually_exclusive_group()
+    gate.add_argument("--safety-checker", metavar="ID_OR_PATH", help="safety checker weights: hub id or local folder, e.g. --safety-checker ./safety-checker")
+    gate.add_argument("--no-safety-check", action="store_true", help="skip the safety checker (prints a warning; recorded in run.json)")
+    p.add_argument("--mask", metavar="PATH", help="foreground mask for --image (white = object), e.g. --mask chair-mask.png")
+    p.add_argument("--elevation", type=float, metavar="DEG", help="elevation of the camera that took the photo, degrees, e.g. --elevation 15")
+    p.add_argument("--seed", type=int, metavar="N", help="random seed, e.g. --seed 7")
+    p.add_argument("--steps", type=int, metavar="N", help="optimisation steps (fit.steps), e.g. --steps 1000")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to run (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="only errors and the final line")
+    p.add_argument("--data-root", metavar="DIR", help="benchmark dataset root (one folder or .zip per object)")
+    p.add_argument("--objects", metavar="LIST", help="benchmark: file with one object name per line")
+    p.add_argument("--ray", action="store_true", help="benchmark: one object per Ray task on a local Ray cluster")
+    p.add_argument("--ray-address", metavar="ADDR", help="benchmark: connect to a running Ray cluster, e.g. --ray-address auto")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. fit.steps=500 texture.size=2048")
+    return p
+
+
+def flag_overrides(args) -> List[str]:
+    """Flags are shorthands for config keys; they win over key=value overrides."""
+    out = []
+    if args.prior is not None:
+        if args.prior == "reference":
+            out.append("prior.kind=reference")
+        else:
+            out.append(f"prior.model={args.prior}")
+    if args.safety_checker is not None:
+        out.append(f"gate.model={args.safety_checker}")
+    if args.no_safety_check:
+        out.append("gate.enabled=false")
+    if args.elevation is not None:
+        out.append(f"camera.reference_elevation={args.elevation}")
+    if args.seed is not None:
+        out.append(f"seed={args.seed}")
+    if args.steps is not None:
+        if args.steps <= 0:
+            raise BadInput(f"--steps must be positive, got {args.steps}")
+        out.append(f"fit.steps={args.steps}")
+    if args.device is not None:
+        out.append(f"device={args.device}")
+    return out
+
+
+def new_run_dir(output: Optional[str], stem: str) -> Path:
+    """The run directory: ``--output`` if given (must not hold a run), else outputs/<stem>-<time>."""
+    if output:
+        path = Path(output)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise BadInput(f"--output {path} already exists and is not empty; choose a new directory (earlier runs are never overwritten)")
+        return path
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("outputs") / f"{stem}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def make_logger(quiet: bool):
+    def log(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    return log
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log = make_logger(args.quiet)
+    run_dir: Optional[Path] = None
+    record = None
+    try:
+        from recon import pipeline
+
+        if args.export_only or args.resume:
+            run_dir = Path(args.export_only or args.resume)
+            pipeline.require_run_dir(run_dir)
+            overrides = list(args.overrides) + flag_overrides(args)
+            if args.export_only:
+                paths = pipeline.export_only(run_dir, overrides, log=log, quiet=args.quiet)
+                print(f"exported: {', '.join(str(p) for p in paths.values())}")
+                return 0
+            record = pipeline.open_record(run_dir)
+            result = pipeline.resume(run_dir, overrides, record, log=log, quiet=args.quiet)
+            print(f"done: {result}")
+            return 0
+
+        cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
+        if args.benchmark:
+            from recon.bench.runner import run_benchmark_cli
+
+            return run_benchmark_cli(args, cfg, log)
+        if args.reference_mesh:
+            mesh_path = Path(args.reference_mesh)
+            gt_mesh = pipeline.load_reference_mesh(mesh_path)  # validates before anything is written
+            run_dir = new_run_dir(args.output, mesh_path.stem)
+            record = pipeline.create_record(run_dir, cfg, mode="reference-mesh", input=str(mesh_path))
+            result = pipeline.self_check(gt_mesh, cfg, run_dir, record, log=log, quiet=args.quiet)
+            print(f"done: {run_dir} " + " ".join(f"{k}={result[k]:.4g}" for k in ("chamfer", "volume_iou", "field_psnr") if k in result))
+            return 0
+
+        image_path = Path(args.image)
+        pipeline.validate_inputs(image_path, args.mask, cfg)  # fast checks before any model loads
+        run_dir = new_run_dir(args.output, image_path.stem)
+        record = pipeline.create_record(run_dir, cfg, mode="image", input=str(image_path), mask=args.mask)
+        if not cfg.gate.enabled:
+            print("warning: the safety checker is disabled (--no-safety-check); this is recorded in run.json", file=sys.stderr)
+        paths = pipeline.reconstruct_image(image_path, cfg, run_dir, record, mask_path=args.mask, log=log, quiet=args.quiet)
+        print(f"done: {paths.get('glb', run_dir)}")
+        return 0
+    except ReconError as error:
+        status = {3: "refused"}.get(error.exit_code, "failed")
+        if record is not None:
+            record.finish(status, error=str(error))
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        if record is not None:
+            record.finish("interrupted")
+        where = f"; resume with: python launch.py --resume {run_dir}" if run_dir is not None else ""
+        print(f"interrupted{where}", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug: keep the traceback, but out of the user's way
+        details = traceback.format_exc()
+        if record is not None:
+            record.finish("failed", error=f"{type(error).__name__}: {error}")
+            (record.path.parent / "error.log").write_text(details)
+            print(f"internal error: {type(error).__name__}: {error} (traceback in {record.path.parent / 'error.log'})", file=sys.stderr)
+        else:
+            print(details, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
