@@ -56,6 +56,8 @@ def unwrap(mesh: MeshData, size: int = 1024, padding: int = 4) -> MeshData:
     atlas = xatlas.Atlas()
     atlas.add_mesh(vertices, faces)
     atlas.generate(chart_options, pack_options)
+    if atlas.atlas_count != 1:  # one texture only: several atlases would overlap in uv
+        raise RuntimeError(f"xatlas made {atlas.atlas_count} atlases; expected one")
     vmapping, indices, uvs = atlas[0]
     # xatlas keeps the face order, and its vertex i is a copy of input vertex vmapping[i].
     if indices.shape != faces.shape or not np.array_equal(vmapping[indices], faces):
