@@ -128,7 +128,7 @@ class HashGrid(nn.Module):
         )
 
     def corner_indices(self, cell: torch.Tensor) -> torch.Tensor:
-        """Table rows [L, 2**d, N] of the corners of the cells whose low vertex is ``cell`` [L, d, N]."""
+        """Table rows [L, 2**d, N] of the corners of the cells whose low vertex is ``cell`` [L, d, N] (int64)."""
         n_levels, n_axes, n_points = cell.shape
         multipliers = self.multipliers[:, :, None]
         per_axis = cell.new_empty(n_levels, n_axes, 2, n_points)  # index terms of the low and high vertex
