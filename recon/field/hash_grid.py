@@ -22,8 +22,9 @@ vectorised over levels, points and the 2**d corners of each cell: one int64
 index tensor [levels, corners, points] and one gather from the table. Levels
 come first so that consecutive lookups stay inside one level's slice of the
 table (better cache and TLB locality than interleaving all levels per point).
-Memory is about ``n_levels * 2**d * 24`` bytes per point at the peak of a
-forward pass, so callers chunk large batches (marching cubes, baking).
+Peak memory is about ``n_levels * 2**d * 24`` bytes per point for a forward
+pass without grad (3 KB for the default 16 levels) and ``* 42`` bytes with the
+backward pass, so callers chunk large batches (marching cubes, baking).
 """
 
 from __future__ import annotations
