@@ -116,6 +116,7 @@ class ExtractConfig:
     threshold: Optional[float] = None  # density iso-level; None picks it automatically
     min_component_ratio: float = 0.02  # drop components smaller than this share of faces
     max_faces: Optional[int] = None  # decimate to this face budget when set
+    smoothing: float = 1.0  # blur of the solid before meshing, in voxels (0: mesh the raw density)
 
 
 @dataclass

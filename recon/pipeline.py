@@ -118,10 +118,26 @@ def fit_or_resume(cfg: Config, device, prior, reference: ReferenceView, run_dir:
     return state
 
 
+@torch.no_grad()
+def rendered_surface_points(state, cfg: Config, resolution: int = 96) -> torch.Tensor:
+    """Where the field's rays end on opaque pixels, seen from around the object (for the iso-level)."""
+    from recon.camera import generate_rays
+
+    device = next(state.field.parameters()).device
+    views = [orbit_cameras(8, elevation, cfg.camera.distance, cfg.camera.fovy, device=device) for elevation in (0.0, 35.0)]
+    cameras = Cameras(*(torch.cat([getattr(v, name) for v in views]) for name in ("elevation", "azimuth", "distance", "fovy")))
+    out = render_images(state.field, state.occupancy, cameras, resolution, cfg.render)
+    origins, directions = generate_rays(cameras, resolution)
+    opaque = out.opacity[..., 0] > 0.95
+    depth = out.depth[..., 0] / out.opacity[..., 0].clamp(min=1e-6)
+    return (origins + directions * depth[..., None])[opaque]
+
+
 def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer):
     """Fitted field -> mesh -> texture -> files. Returns (textured mesh, {kind: path})."""
     with timer.stage("extract"):
-        mesh = extract_mesh(state.field.density, state.field.radius, cfg.extract)
+        surface = rendered_surface_points(state, cfg)
+        mesh = extract_mesh(state.field.density, state.field.radius, cfg.extract, surface_points=surface)
 
     @torch.no_grad()
     def albedo(points: torch.Tensor) -> torch.Tensor:

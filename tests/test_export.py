@@ -18,9 +18,9 @@ TEX_H, TEX_W = 64, 32  # not square, so a transposed texture would show
 
 
 def _y_up_to_z_up(points):
-    """Undo the export's rotation: glTF (x, y, z) -> recon (x, -z, y)."""
+    """Undo the export's rotation: glTF (x, y, z) -> recon (z, x, y)."""
     points = np.asarray(points)
-    return np.stack([points[:, 0], -points[:, 2], points[:, 1]], axis=1)
+    return np.stack([points[:, 2], points[:, 0], points[:, 1]], axis=1)
 
 
 def _quadrant_texture():
@@ -127,6 +127,17 @@ def test_glb_and_obj_agree(tmp_path):
     assert glb.volume == pytest.approx(obj.volume, rel=1e-4)
 
 
+def test_input_view_faces_the_gltf_front(tmp_path):
+    # a cone lying along +x (pointing at the input camera) must point at glTF's front, +z
+    cone = trimesh.creation.cone(radius=0.2, height=1.0)
+    vertices = torch.tensor(cone.vertices, dtype=torch.float32)[:, [2, 0, 1]]  # apex from +z to +x
+    mesh = MeshData(vertices, torch.tensor(cone.faces, dtype=torch.int64))
+    loaded = _single_mesh(export_asset(mesh, tmp_path, formats=("glb",))["glb"])
+    apex = loaded.vertices[np.argmax(loaded.vertices[:, 2])]
+    assert apex[2] == pytest.approx(1.0, abs=1e-5) and abs(apex[0]) < 1e-5 and abs(apex[1]) < 1e-5
+    assert loaded.volume > 0
+
+
 def test_tall_along_z_becomes_tall_along_y(tmp_path):
     # A cone standing on the xy plane with its apex at +z, shifted towards +y.
     cone = trimesh.creation.cone(radius=0.2, height=1.0)
@@ -139,7 +150,7 @@ def test_tall_along_z_becomes_tall_along_y(tmp_path):
         assert extent[1] == pytest.approx(1.0, abs=1e-5) and extent[0] < 0.5 and extent[2] < 0.5
         apex = loaded.vertices[np.argmax(loaded.vertices[:, 1])]
         assert apex[1] == pytest.approx(1.0, abs=1e-5)  # the apex (+z) is up (+y)
-        assert loaded.vertices[:, 2].mean() == pytest.approx(-0.5, abs=0.05)  # +y went to -z
+        assert loaded.vertices[:, 0].mean() == pytest.approx(0.5, abs=0.05)  # +y (the right side) went to +x
         assert loaded.volume > 0
 
 

@@ -1,10 +1,12 @@
 """Mesh -> files a user opens: binary glTF (GLB) and OBJ + MTL + PNG.
 
-Orientation: recon's world is +z up; glTF is +y up by specification and
-Blender's OBJ importer assumes +y up (forward -z) unless told otherwise. Both
-files are therefore written +y up, with the same rotation of -90 degrees about
-x (``(x, y, z) -> (x, z, -y)``: +z becomes +y, +y becomes -z), so the two
-files agree with each other and the object stands upright in Blender,
+Orientation: recon's world is +z up with the input view looking from +x;
+glTF is +y up with its front facing +z (where viewers put their default
+camera), and Blender's OBJ importer assumes +y up, forward -z. Both files are
+therefore written with the same proper rotation ``(x, y, z) -> (y, z, x)``:
++z becomes +y (upright), +x becomes +z (the side the photo showed faces the
+viewer) and +y becomes +x (the object's right stays on the viewer's right),
+so the two files agree and open the way the input photo looked in Blender,
 three.js and model-viewer.
 
 Texture coordinates: ``MeshData.uvs`` has (0, 0) at the bottom-left of the
@@ -43,8 +45,8 @@ from recon.mesh.data import MeshData
 FORMATS = ("glb", "obj")
 PLAIN_GREY = (0.7, 0.7, 0.7)
 
-# z-up (recon) -> y-up (glTF, OBJ as Blender reads it): rotate -90 degrees about x.
-Z_UP_TO_Y_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+# z-up, input view from +x (recon) -> y-up, front towards +z (glTF): a cyclic axis permutation.
+Z_UP_TO_Y_UP = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
 
 # glTF constants (glTF 2.0 specification, section 5)
 _FLOAT, _UINT32 = 5126, 5125
@@ -235,7 +237,7 @@ def obj_text(mesh: MeshData, mtl_name: str, material: str = "material0") -> str:
     normals = to_y_up(vertex_normals(vertices, faces))
     colors = _colors(mesh)
     positions = to_y_up(vertices)
-    lines = ["# recon: +y up (rotated -90 degrees about x from recon's +z-up world), as Blender's OBJ importer expects", f"mtllib {mtl_name}", "o model"]
+    lines = ["# recon: +y up, front (the input view) towards +z, as Blender's OBJ importer expects", f"mtllib {mtl_name}", "o model"]
     if colors is not None:
         lines.append(_rows("v %.6f %.6f %.6f %.4f %.4f %.4f", np.concatenate([positions, colors], axis=1)))
     else:

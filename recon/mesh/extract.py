@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import fast_simplification
 import mcubes
 import numpy as np
+import scipy.ndimage
 import scipy.sparse
 import scipy.sparse.csgraph
 import torch
@@ -57,6 +58,7 @@ DensityFn = Callable[[torch.Tensor], torch.Tensor]
 
 COARSE_RESOLUTION = 64  # samples a side of the first pass over the whole box
 COARSE_PADDING = 2  # coarse cells added around the occupied region
+SURFACE_QUANTILE = 0.02  # share of rendered surface points allowed to fall outside the mesh
 
 
 def auto_threshold(density, voxel_size: float, box_size: float) -> float:
@@ -78,8 +80,14 @@ def extract_mesh(
     cfg: ExtractConfig,
     chunk: int = 262144,
     device=None,
+    surface_points: Optional[torch.Tensor] = None,
 ) -> MeshData:
     """Mesh of the region where ``density_fn`` exceeds the iso-level.
+
+    ``surface_points`` (optional, [P, 3]): where rendered rays end on opaque
+    pixels (expected depth). With no ``cfg.threshold``, the iso-level is then
+    the median density there (:func:`threshold_at_surface`), so the mesh passes
+    through the surface the field's renders show even when the field is soft.
 
     ``density_fn`` maps world points [P, 3] (float32, on ``device``) to
     densities [P]; it is called under ``torch.no_grad`` on at most ``chunk``
@@ -96,7 +104,10 @@ def extract_mesh(
     coarse = sample_grid(density_fn, coarse_low, coarse_cell, (COARSE_RESOLUTION,) * 3, chunk, device)
     # The coarse level can only be lower than the fine one (a bigger voxel,
     # a peak sampled no higher), so the box it finds contains the fine surface.
-    coarse_level = cfg.threshold if cfg.threshold is not None else auto_threshold(coarse, coarse_cell, box_size)
+    surface_level = None
+    if cfg.threshold is None and surface_points is not None and len(surface_points):
+        surface_level = threshold_at_surface(density_fn, surface_points.to(device), box_size, chunk)
+    coarse_level = cfg.threshold if cfg.threshold is not None else (surface_level or auto_threshold(coarse, coarse_cell, box_size))
     occupied = np.argwhere(coarse > coarse_level)
     if len(occupied) == 0:
         raise _empty(coarse_level, coarse, radius)
@@ -107,11 +118,20 @@ def extract_mesh(
     voxel = float((high - low).max()) / (cfg.resolution - 1)
     shape = tuple(int(n) for n in np.floor((high - low) / voxel + 1e-6).astype(int) + 1)
     fine = sample_grid(density_fn, low, voxel, shape, chunk, device)
-    level = cfg.threshold if cfg.threshold is not None else auto_threshold(fine, voxel, box_size)
+    level = cfg.threshold if cfg.threshold is not None else (surface_level or auto_threshold(fine, voxel, box_size))
     if not (fine > level).any():
         raise _empty(level, fine, radius)
     log.info("extract: iso-level %.4g (peak density %.4g), grid %s, voxel %.4g", level, fine.max(), shape, voxel)
 
+    fine = fill_enclosed(fine, level)
+    if cfg.smoothing > 0:
+        # Mesh the solid, not the raw density: a field fitted by SDS is noisy
+        # at the voxel scale, and its level set comes out rough (several times
+        # the true area, hundreds of thousands of faces). A blur of about one
+        # voxel of the inside/outside grid, cut at one half, keeps the surface
+        # within a voxel of the level set and smooth.
+        fine = scipy.ndimage.gaussian_filter((fine > level).astype(np.float32), sigma=cfg.smoothing)
+        level = 0.5
     # One layer of empty samples around the grid closes the surface at the box.
     outside = 0.0 if level > 0 else level - 1.0
     padded = np.pad(fine, 1, mode="constant", constant_values=outside)
@@ -130,6 +150,42 @@ def extract_mesh(
         vertices=torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32),
         faces=torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64),
     )
+
+
+@torch.no_grad()
+def threshold_at_surface(density_fn: DensityFn, surface_points: torch.Tensor, box_size: float, chunk: int = 262144) -> float:
+    """Median density at rendered surface points: the level set that agrees with the renders' depth.
+
+    A field trained by SDS is often soft: it reaches full opacity by
+    accumulating modest density over some depth, and a fixed level cuts a
+    ragged surface through that fog. Where rays end on average is where the
+    renders put the surface, so the level is read there. It never goes below
+    ``ln 2 / box_size`` (the density at which even a ray across the whole box
+    stays less than half opaque), so an empty field is still reported empty.
+    """
+    densities = torch.cat([density_fn(part).reshape(-1).float() for part in surface_points.split(chunk)])
+    # A low quantile, not the median: inside a soft surface the density dips
+    # below its value at the rays' ends, and a level above those dips leaves
+    # holes in the shell through which the unconstrained interior leaks out.
+    return max(float(torch.quantile(densities, SURFACE_QUANTILE)), math.log(2.0) / box_size)
+
+
+def fill_enclosed(grid: np.ndarray, level: float) -> np.ndarray:
+    """Raise every sample that cannot be reached from outside to just above ``level``.
+
+    SDS never sees inside an object, so its density there is unconstrained and
+    often spongy; marching cubes would turn that into hundreds of thousands of
+    hidden faces (and xatlas would spend minutes on them). Anything enclosed by
+    the surface is solid for an asset, so fill it before meshing; the visible
+    surface, which borders reachable space, does not move.
+    """
+    inside = scipy.ndimage.binary_fill_holes(grid > level)
+    enclosed = inside & ~(grid > level)
+    if not enclosed.any():
+        return grid
+    filled = grid.copy()
+    filled[enclosed] = max(level * 2.0, level + 1.0)
+    return filled
 
 
 @torch.no_grad()
