@@ -124,6 +124,7 @@ class TextureConfig:
     size: int = 1024
     mode: str = "texture"  # "texture" (UV map) or "vertex" (vertex colours)
     padding: int = 4  # texels of seam fill around each UV chart
+    bake_depth: float = 0.03  # colours are composited along the normal over +-this distance (world units)
 
 
 @dataclass

@@ -133,21 +133,46 @@ def rendered_surface_points(state, cfg: Config, resolution: int = 96) -> torch.T
     return (origins + directions * depth[..., None])[opaque]
 
 
+@torch.no_grad()
+def surface_colour(field, points: torch.Tensor, normals: torch.Tensor, depth: float, n_samples: int = 16) -> torch.Tensor:
+    """The colour the field shows at mesh points: volume-render a short ray along -normal through each.
+
+    The mesh's surface is a level set of a soft field, so it can sit a little
+    in front of or behind where the field's renders take their colour; reading
+    the albedo exactly at the mesh point picks up the unconstrained fog there.
+    A ray from ``depth`` outside the surface to ``depth`` inside, composited as
+    the renderer does, gives the colour a camera facing the surface would see.
+    """
+    device = next(field.parameters()).device
+    points, normals = points.to(device), normals.to(device)
+    offsets = torch.linspace(depth, -depth, n_samples, device=device)
+    samples = points[:, None, :] + normals[:, None, :] * offsets[None, :, None]
+    density, albedo = field(samples.reshape(-1, 3))
+    density, albedo = density.reshape(-1, n_samples), albedo.reshape(-1, n_samples, 3)
+    alpha = 1.0 - torch.exp(-density * (2.0 * depth / (n_samples - 1)))
+    transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], dim=1), dim=1)
+    weights = alpha * transmittance
+    total = weights.sum(dim=1, keepdim=True)
+    composited = (weights[..., None] * albedo).sum(dim=1) / total.clamp(min=1e-6)
+    # where the short ray saw nothing (the mesh strayed from the field), fall back to the point itself
+    at_point = albedo[:, n_samples // 2]
+    return torch.where(total > 1e-3, composited, at_point).float()
+
+
 def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer):
     """Fitted field -> mesh -> texture -> files. Returns (textured mesh, {kind: path})."""
     with timer.stage("extract"):
         surface = rendered_surface_points(state, cfg)
         mesh = extract_mesh(state.field.density, state.field.radius, cfg.extract, surface_points=surface)
 
-    @torch.no_grad()
-    def albedo(points: torch.Tensor) -> torch.Tensor:
-        return state.field.albedo(points.to(next(state.field.parameters()).device)).float()
+    def albedo(points: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+        return surface_colour(state.field, points, normals, cfg.texture.bake_depth)
 
     with timer.stage("texture"):
         if cfg.texture.mode == "vertex":
-            mesh = bake_vertex_colors(mesh, albedo)
+            mesh = bake_vertex_colors(mesh, albedo, normals=True)
         elif cfg.texture.mode == "texture":
-            mesh = bake_texture(unwrap(mesh, cfg.texture.size, cfg.texture.padding), albedo, cfg.texture.size, cfg.texture.padding)
+            mesh = bake_texture(unwrap(mesh, cfg.texture.size, cfg.texture.padding), albedo, cfg.texture.size, cfg.texture.padding, normals=True)
         else:
             raise BadInput(f"texture.mode must be 'texture' or 'vertex', got '{cfg.texture.mode}'")
     mesh = mesh.to("cpu")

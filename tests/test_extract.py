@@ -60,25 +60,35 @@ def test_off_centre_object_maps_back_to_world():
 def test_floater_removed_and_both_blobs_kept():
     blob_a, blob_b, floater = _ball((-0.3, 0, 0), 0.2), _ball((0.3, 0, 0), 0.2), _ball((0, 0, 0.5), 0.02)
     density = lambda p: blob_a(p) + blob_b(p) + floater(p)  # noqa: E731
-    # The floater has ~1% of a blob's faces, below the default 2%.
-    mesh = extract_mesh(density, RADIUS, ExtractConfig(resolution=64))
+    # The floater has ~1% of a blob's faces, below the default 2%. No smoothing:
+    # the blur alone would erase a floater this thin, and this tests the filter.
+    mesh = extract_mesh(density, RADIUS, ExtractConfig(resolution=64, smoothing=0.0))
     vertices = mesh.vertices
     assert not ((vertices - torch.tensor([0, 0, 0.5])).norm(dim=-1) < 0.1).any()
     assert ((vertices - torch.tensor([-0.3, 0, 0])).norm(dim=-1) < 0.25).any()
     assert ((vertices - torch.tensor([0.3, 0, 0])).norm(dim=-1) < 0.25).any()
     assert len(_trimesh(mesh).split(only_watertight=False)) == 2
     # Without the filter, the floater is there: the test above can fail.
-    unfiltered = extract_mesh(density, RADIUS, ExtractConfig(resolution=64, min_component_ratio=0.0))
+    unfiltered = extract_mesh(density, RADIUS, ExtractConfig(resolution=64, min_component_ratio=0.0, smoothing=0.0))
     assert ((unfiltered.vertices - torch.tensor([0, 0, 0.5])).norm(dim=-1) < 0.1).any()
 
 
-def test_cavity_keeps_its_inward_facing_normals():
-    """A hollow shell: the inner surface faces the cavity, so the volume is the shell's."""
+def test_enclosed_cavity_is_filled():
+    """A hollow shell meshes as a solid ball: SDS never sees inside, so the asset is its outer surface."""
     density = lambda p: 50.0 * ((p.norm(dim=-1) < 0.4) & (p.norm(dim=-1) > 0.25)).float()  # noqa: E731
     mesh = extract_mesh(density, RADIUS, ExtractConfig(resolution=64, min_component_ratio=0.0))
     tm = _trimesh(mesh)
-    shell = 4 / 3 * math.pi * (0.4**3 - 0.25**3)
-    assert tm.volume == pytest.approx(shell, rel=0.05)
+    assert tm.volume == pytest.approx(4 / 3 * math.pi * 0.4**3, rel=0.05)
+    assert len(tm.split(only_watertight=False)) == 1 and mesh.vertices.norm(dim=-1).min() > 0.35
+
+
+def test_surface_points_set_the_level():
+    """With rendered surface points, the level is the density there: a soft blob meshes at that radius."""
+    blob = lambda p: 100.0 * torch.exp(-((p.norm(dim=-1) / 0.25) ** 2))  # noqa: E731
+    direction = torch.nn.functional.normalize(torch.randn(500, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
+    for radius in (0.2, 0.3):
+        mesh = extract_mesh(blob, RADIUS, ExtractConfig(resolution=64), surface_points=direction * radius)
+        assert (mesh.vertices.norm(dim=-1) - radius).abs().mean() < 0.02
 
 
 def test_surface_closes_at_the_box_boundary():

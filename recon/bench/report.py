@@ -23,7 +23,7 @@ CSV_COLUMNS = ("object", "status", "chamfer", "volume_iou", "fscore", "psnr", "s
 METRICS = {"chamfer": "lower", "volume_iou": "higher", "fscore": "higher", "psnr": "higher", "ssim": "higher", "lpips": "lower"}
 
 # Published image-to-3D results on GSO under the same protocol, for comparison.
-PUBLISHED_SOURCE = "Liu et al., SyncDreamer (ICLR 2024), Table 2: 30 GSO objects, Chamfer distance / volume IoU"
+PUBLISHED_SOURCE = "Liu et al., SyncDreamer (ICLR 2024), GSO comparison under its protocol: Chamfer distance / volume IoU"
 PUBLISHED = (
     {"method": "Zero123 (SDS)", "chamfer": 0.0339, "volume_iou": 0.5035},
     {"method": "SyncDreamer", "chamfer": 0.0261, "volume_iou": 0.5421},

@@ -248,6 +248,25 @@ def run_benchmark(
     return [rows[gso.object_name(path)] for path in paths]
 
 
+def run_benchmark_cli(args, config: Config, log) -> int:
+    """``launch.py --benchmark gso``: flags from recon.cli, config already resolved."""
+    if not args.data_root:
+        raise BadInput("--benchmark gso needs --data-root DIR (one folder or .zip per object)")
+    if not Path(args.data_root).is_dir():
+        raise BadInput(f"--data-root {args.data_root} is not a directory")
+    prior = "reference" if config.prior.kind == "reference" else config.prior.model
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    output_dir = Path(args.output) if args.output else Path("outputs") / f"gso-{stamp}"
+    elevation = args.elevation if args.elevation is not None else 30.0
+    rows = run_benchmark(
+        args.data_root, args.objects, config, output_dir, prior=prior, use_ray=args.ray,
+        ray_address=args.ray_address, elevation=elevation, log=log,
+    )
+    failed = sum(row["status"] != "ok" for row in rows)
+    print(f"{len(rows) - failed} of {len(rows)} object(s) scored; report in {output_dir / 'summary.md'}")
+    return 1 if failed else 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recon.bench.runner", description="Reconstruct and score Google Scanned Objects (SyncDreamer protocol).")
     parser.add_argument("data_root", help="folder with one GSO object per subfolder or .zip")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -72,23 +72,40 @@ def unwrap(mesh: MeshData, size: int = 1024, padding: int = 4) -> MeshData:
     )
 
 
-def texel_points(mesh: MeshData, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The texels that the UV charts cover, as a mask [size, size], and their 3D surface points [P, 3]."""
+def texel_points(mesh: MeshData, size: int, with_normals: bool = False):
+    """The texels that the UV charts cover, as a mask [size, size], and their 3D surface points [P, 3].
+
+    ``with_normals`` also returns each texel's outward unit normal [P, 3] (its face's).
+    """
     fragments = rasterize_uv(mesh.uvs.to(mesh.device), mesh.face_uvs.to(mesh.device), size)
     face_id = fragments.face_id[0]
     mask = face_id >= 0
     face = face_id[mask]
     corners = mesh.vertices.float()[mesh.faces[face]]  # [P, 3, 3]
     points = (fragments.bary[0][mask][:, :, None] * corners).sum(dim=1)
-    return mask, points
+    if not with_normals:
+        return mask, points
+    normals = torch.nn.functional.normalize(torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=-1), dim=-1)
+    return mask, points, normals
+
+
+def vertex_normals(mesh: MeshData) -> torch.Tensor:
+    """Area-weighted outward vertex normals [V, 3]."""
+    corners = mesh.vertices.float()[mesh.faces]
+    face_normals = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=-1)  # length = 2 area
+    normals = torch.zeros_like(mesh.vertices, dtype=torch.float32).index_add_(0, mesh.faces.reshape(-1), face_normals.repeat_interleave(3, dim=0))
+    return torch.nn.functional.normalize(normals, dim=-1)
 
 
 @torch.no_grad()
-def query_albedo(albedo_fn: AlbedoFn, points: torch.Tensor, chunk: int = QUERY_CHUNK) -> torch.Tensor:
-    """``albedo_fn`` over points [P, 3] in chunks, clamped to [0, 1]: colours [P, 3]."""
+def query_albedo(albedo_fn: AlbedoFn, points: torch.Tensor, chunk: int = QUERY_CHUNK, normals: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``albedo_fn`` over points [P, 3] (and ``normals``, when given) in chunks, clamped to [0, 1]: colours [P, 3]."""
     if points.shape[0] == 0:
         return points.new_zeros(0, 3)
-    colors = [albedo_fn(points[start : start + chunk]).float() for start in range(0, points.shape[0], chunk)]
+    colors = []
+    for start in range(0, points.shape[0], chunk):
+        part = slice(start, start + chunk)
+        colors.append((albedo_fn(points[part]) if normals is None else albedo_fn(points[part], normals[part])).float())
     return torch.cat(colors).clamp(0.0, 1.0)
 
 
@@ -109,21 +126,25 @@ def fill_seams(texture: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return texture[rows, cols]
 
 
-def bake_texture(mesh: MeshData, albedo_fn: AlbedoFn, size: int = 1024, padding: int = 4, chunk: int = QUERY_CHUNK) -> MeshData:
+def bake_texture(
+    mesh: MeshData, albedo_fn: AlbedoFn, size: int = 1024, padding: int = 4, chunk: int = QUERY_CHUNK, normals: bool = False
+) -> MeshData:
     """Bake ``albedo_fn`` into a ``size`` x ``size`` texture over the mesh's UVs.
 
     A mesh without UVs is unwrapped first (``padding`` texels between charts).
+    With ``normals``, ``albedo_fn`` is called as ``albedo_fn(points, normals)``.
     Returns the mesh with ``texture`` [size, size, 3] (and its UVs) set.
     """
     if mesh.uvs is None or mesh.face_uvs is None:
         mesh = unwrap(mesh, size=size, padding=padding)
-    mask, points = texel_points(mesh, size)
+    texels = texel_points(mesh, size, with_normals=normals)
+    mask, points = texels[0], texels[1]
     texture = torch.zeros(size, size, 3, device=mesh.device)
-    texture[mask] = query_albedo(albedo_fn, points, chunk).to(texture.device)
+    texture[mask] = query_albedo(albedo_fn, points, chunk, normals=texels[2] if normals else None).to(texture.device)
     return replace(mesh, texture=fill_seams(texture, mask), vertex_colors=None)
 
 
-def bake_vertex_colors(mesh: MeshData, albedo_fn: AlbedoFn, chunk: int = QUERY_CHUNK) -> MeshData:
+def bake_vertex_colors(mesh: MeshData, albedo_fn: AlbedoFn, chunk: int = QUERY_CHUNK, normals: bool = False) -> MeshData:
     """Albedo at each vertex, as vertex colours (the export's "vertex" texture mode)."""
-    colors = query_albedo(albedo_fn, mesh.vertices.float(), chunk)
+    colors = query_albedo(albedo_fn, mesh.vertices.float(), chunk, normals=vertex_normals(mesh) if normals else None)
     return replace(mesh, vertex_colors=colors.to(mesh.device), uvs=None, face_uvs=None, texture=None)
