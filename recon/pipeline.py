@@ -24,7 +24,7 @@ from recon.fit import load_checkpoint, new_fit_state, reference_camera, run_fit
 from recon.io_utils import write_json_atomic
 from recon.mesh.data import MeshData
 from recon.mesh.export import export_asset
-from recon.mesh.extract import extract_mesh
+from recon.mesh.extract import DepthViews, extract_mesh
 from recon.mesh.preview import write_previews
 from recon.mesh.texture import bake_texture, bake_vertex_colors, unwrap
 from recon.prepare import ReferenceView
@@ -118,19 +118,33 @@ def fit_or_resume(cfg: Config, device, prior, reference: ReferenceView, run_dir:
     return state
 
 
-@torch.no_grad()
-def rendered_surface_points(state, cfg: Config, resolution: int = 96) -> torch.Tensor:
-    """Where the field's rays end on opaque pixels, seen from around the object (for the iso-level)."""
-    from recon.camera import generate_rays
+CARVING_RINGS = 4  # rings of 8 views spanning the trained elevations
 
+
+@torch.no_grad()
+def rendered_depth_views(state, cfg: Config, resolution: int = 128) -> DepthViews:
+    """Depth and opacity of the field from all around the object (for carving the mesh's solid).
+
+    Only elevations the fit trained on (``camera.elevation_range``): outside
+    them the field was never supervised, its fog would carve real surface
+    away (crate: chamfer 0.020 with views from -30 to 85 degrees, 0.012 within).
+    """
     device = next(state.field.parameters()).device
-    views = [orbit_cameras(8, elevation, cfg.camera.distance, cfg.camera.fovy, device=device) for elevation in (0.0, 35.0)]
+    low, high = cfg.camera.elevation_range
+    elevations = [low + (high - low) * i / (CARVING_RINGS - 1) for i in range(CARVING_RINGS)]
+    views = [orbit_cameras(8, elevation, cfg.camera.distance, cfg.camera.fovy, device=device, start_azimuth=22.5 * (i % 2)) for i, elevation in enumerate(elevations)]
     cameras = Cameras(*(torch.cat([getattr(v, name) for v in views]) for name in ("elevation", "azimuth", "distance", "fovy")))
     out = render_images(state.field, state.occupancy, cameras, resolution, cfg.render)
-    origins, directions = generate_rays(cameras, resolution)
-    opaque = out.opacity[..., 0] > 0.95
-    depth = out.depth[..., 0] / out.opacity[..., 0].clamp(min=1e-6)
-    return (origins + directions * depth[..., None])[opaque]
+    return DepthViews(cameras, out.half_opacity[..., 0], out.opacity[..., 0])
+
+
+def rendered_surface_points(views: DepthViews) -> torch.Tensor:
+    """Where the field's rays end on opaque pixels (for a density level, when one is used)."""
+    from recon.camera import generate_rays
+
+    origins, directions = generate_rays(views.cameras, views.distance.shape[1], views.distance.shape[2])
+    opaque = (views.opacity > 0.95) & torch.isfinite(views.distance)
+    return (origins + directions * views.distance[..., None])[opaque]
 
 
 @torch.no_grad()
@@ -162,8 +176,8 @@ def surface_colour(field, points: torch.Tensor, normals: torch.Tensor, depth: fl
 def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer):
     """Fitted field -> mesh -> texture -> files. Returns (textured mesh, {kind: path})."""
     with timer.stage("extract"):
-        surface = rendered_surface_points(state, cfg)
-        mesh = extract_mesh(state.field.density, state.field.radius, cfg.extract, surface_points=surface)
+        views = rendered_depth_views(state, cfg)
+        mesh = extract_mesh(state.field.density, state.field.radius, cfg.extract, surface_points=rendered_surface_points(views), views=views)
 
     def albedo(points: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
         return surface_colour(state.field, points, normals, cfg.texture.bake_depth)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import fast_simplification
@@ -48,6 +49,7 @@ import scipy.sparse.csgraph
 import torch
 import trimesh
 
+from recon.camera import Cameras
 from recon.config import ExtractConfig
 from recon.errors import ReconError
 from recon.mesh.data import MeshData
@@ -55,6 +57,15 @@ from recon.mesh.data import MeshData
 log = logging.getLogger(__name__)
 
 DensityFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DepthViews:
+    """What the field's renders show from a set of cameras: where each ray ends and how opaque it is."""
+
+    cameras: Cameras
+    distance: torch.Tensor  # [N, H, W] distance from the camera to the expected surface along each ray
+    opacity: torch.Tensor  # [N, H, W]
 
 COARSE_RESOLUTION = 64  # samples a side of the first pass over the whole box
 COARSE_PADDING = 2  # coarse cells added around the occupied region
@@ -81,13 +92,18 @@ def extract_mesh(
     chunk: int = 262144,
     device=None,
     surface_points: Optional[torch.Tensor] = None,
+    views: Optional[DepthViews] = None,
 ) -> MeshData:
     """Mesh of the region where ``density_fn`` exceeds the iso-level.
 
     ``surface_points`` (optional, [P, 3]): where rendered rays end on opaque
     pixels (expected depth). With no ``cfg.threshold``, the iso-level is then
-    the median density there (:func:`threshold_at_surface`), so the mesh passes
-    through the surface the field's renders show even when the field is soft.
+    a low quantile of the density there (:func:`threshold_at_surface`).
+
+    ``views`` (optional): depth and opacity renders of the field. With no
+    ``cfg.threshold`` the solid is then carved from them (:func:`carve_solid`)
+    instead of cut at a density level: the mesh is the shape the renders show,
+    however soft or leaky the density inside it is.
 
     ``density_fn`` maps world points [P, 3] (float32, on ``device``) to
     densities [P]; it is called under ``torch.no_grad`` on at most ``chunk``
@@ -123,6 +139,12 @@ def extract_mesh(
         raise _empty(level, fine, radius)
     log.info("extract: iso-level %.4g (peak density %.4g), grid %s, voxel %.4g", level, fine.max(), shape, voxel)
 
+    if views is not None and cfg.threshold is None:
+        centres = np.stack(np.meshgrid(*(low[a] + voxel * np.arange(shape[a]) for a in range(3)), indexing="ij"), axis=-1)
+        solid = carve_solid(torch.as_tensor(centres.reshape(-1, 3), dtype=torch.float32), views, margin=cfg.carve_margin * voxel)
+        fine = np.where(solid.reshape(shape).cpu().numpy(), 2.0 * level + 1.0, 0.0).astype(np.float32)
+        if not (fine > level).any():
+            raise _empty(level, fine, radius)
     fine = fill_enclosed(fine, level)
     if cfg.smoothing > 0:
         # Mesh the solid, not the raw density: a field fitted by SDS is noisy
@@ -150,6 +172,35 @@ def extract_mesh(
         vertices=torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32),
         faces=torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64),
     )
+
+
+@torch.no_grad()
+def carve_solid(points: torch.Tensor, views: DepthViews, margin: float) -> torch.Tensor:
+    """Which points [M, 3] no view sees through: space carving with the field's rendered depth.
+
+    A point is empty if, in some view, its pixel is mostly transparent or the
+    point lies clearly (``margin``) in front of where that pixel's ray ends.
+    What survives every view is the solid whose renders match the field's;
+    parts no view can see (deep concavities, the inside) stay solid.
+    """
+    from recon.camera import project
+
+    device = views.distance.device
+    points = points.to(device)
+    solid = torch.ones(points.shape[0], dtype=torch.bool, device=device)
+    n_views, height, width = views.distance.shape
+    for index in range(n_views):
+        camera = views.cameras[index]
+        pixels, _ = project(points, camera, height, width)
+        column = pixels[0, :, 0].floor().long()
+        row = pixels[0, :, 1].floor().long()
+        seen = (column >= 0) & (column < width) & (row >= 0) & (row < height)
+        column, row = column.clamp(0, width - 1), row.clamp(0, height - 1)
+        distance = (points - camera.position[0]).norm(dim=-1)
+        transparent = views.opacity[index, row, column] < 0.5
+        in_front = distance < views.distance[index, row, column] - margin
+        solid &= ~(seen & (transparent | in_front))
+    return solid
 
 
 @torch.no_grad()

@@ -65,6 +65,25 @@ class RayBundle:
     normal: Optional[torch.Tensor] = None  # [R, 3] accumulated world normals
     orientation: Optional[torch.Tensor] = None  # [R] penalty of normals facing away from the camera
     n_samples: int = 0
+    half_opacity: Optional[torch.Tensor] = None  # [R, 1] distance where the ray is half opaque (inf: never)
+
+
+def half_opacity_distance(weights: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """Per ray, where accumulated opacity first reaches one half: the surface a viewer sees.
+
+    On a soft field the expected depth lies behind that point (it averages
+    over the fog the ray crosses), so carving or measuring geometry uses this.
+    """
+    from recon.render.occupancy import exclusive_sum_per_ray
+
+    before = exclusive_sum_per_ray(weights, ray_indices, n_rays)
+    after = before + weights
+    crossing = (before < 0.5) & (after >= 0.5)
+    # linear interpolation inside the sample interval where the crossing happens
+    fraction = ((0.5 - before) / weights.clamp(min=1e-10)).clamp(0.0, 1.0)
+    t = torch.where(crossing, t_starts + fraction * (t_ends - t_starts), torch.full_like(t_starts, float("inf")))
+    out = torch.full((n_rays,), float("inf"), device=t.device, dtype=t.dtype)
+    return out.scatter_reduce(0, ray_indices, t, reduce="amin")[:, None]
 
 
 def render_rays(
@@ -102,6 +121,7 @@ def render_rays(
         opacity=opacity,
         depth=out["depth"],
         n_samples=int(ray_indices.numel()),
+        half_opacity=half_opacity_distance(out["weights"].detach(), t_starts, t_ends, ray_indices, n_rays),
     )
     if normals:
         bundle.normal = out["normal"]
@@ -119,6 +139,7 @@ class ImageBatch:
     normal: Optional[torch.Tensor] = None  # [N, H, W, 3]
     orientation: Optional[torch.Tensor] = None  # [N, H, W]
     n_samples: int = 0
+    half_opacity: Optional[torch.Tensor] = None  # [N, H, W, 1]
 
 
 def render_images(
@@ -155,4 +176,5 @@ def render_images(
         normal=gather("normal"),
         orientation=gather("orientation"),
         n_samples=sum(p.n_samples for p in parts),
+        half_opacity=gather("half_opacity"),
     )
