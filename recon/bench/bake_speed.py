@@ -59,6 +59,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--padding", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="bake runs; the fastest is reported")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--field-config", default="cpu", help="preset whose field the product bake queries (cost per query)")
     args = parser.parse_args(argv)
 
     mesh = bumpy_blob(args.grid)
@@ -66,7 +67,17 @@ def main(argv=None) -> dict:
     unwrapped, unwrap_s = timed(unwrap, mesh, size=args.size, padding=args.padding)
     print(f"unwrap (xatlas)     {unwrap_s:7.2f} s")
 
-    stages = {"uv_rasterize_s": [], "albedo_query_s": [], "seam_fill_s": [], "bake_total_s": []}
+    from recon.config import load_config
+    from recon.field.field import RadianceField
+    from recon.pipeline import surface_colour
+
+    field_cfg = load_config(args.field_config)
+    field = RadianceField(field_cfg.field)
+
+    def field_colour(points, normals):
+        return surface_colour(field, points, normals, field_cfg.texture.bake_depth)
+
+    stages = {"uv_rasterize_s": [], "albedo_query_s": [], "seam_fill_s": [], "bake_total_s": [], "bake_with_field_s": []}
     for _ in range(args.repeats):
         (mask, points), seconds = timed(texel_points, unwrapped, args.size)
         stages["uv_rasterize_s"].append(seconds)
@@ -78,6 +89,11 @@ def main(argv=None) -> dict:
         stages["seam_fill_s"].append(seconds)
         _, seconds = timed(bake_texture, unwrapped, analytic_albedo, size=args.size, padding=args.padding)
         stages["bake_total_s"].append(seconds)
+        # The product's bake: the field composited along each texel's normal
+        # (recon.pipeline.surface_colour), 16 field queries per texel. An
+        # untrained field costs the same per query as a fitted one.
+        _, seconds = timed(bake_texture, unwrapped, field_colour, size=args.size, padding=args.padding, normals=True)
+        stages["bake_with_field_s"].append(seconds)
     best = {name: min(values) for name, values in stages.items()}
     for name, value in best.items():
         print(f"{name[:-2].replace('_', ' '):19s} {value:7.2f} s")
@@ -104,7 +120,8 @@ def main(argv=None) -> dict:
         "unwrap_s": unwrap_s,
         **best,
         "runs": stages,
-        "target": "bake_total_s < 15 on a 2-core CPU (unwrap not counted)",
+        "field_config": args.field_config,
+        "target": "bake under 15 s on a 2-core CPU (unwrap not counted): bake_with_field_s is the product's bake",
     }
     write_json_atomic(args.output, result)
     print(f"wrote {args.output}")

@@ -348,7 +348,7 @@ def _decimate(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
         fallback = fallback or simplified
     if fallback is None:
         raise ReconError(f"could not decimate the mesh of {len(mesh.faces)} faces to extract.max_faces={max_faces}")
-    log.warning("extract: decimation to %d faces left a few non-manifold edges", max_faces)
+    log.info("extract: decimation to %d faces left a few non-manifold edges", max_faces)
     return fallback
 
 
