@@ -70,6 +70,8 @@ class DepthViews:
 COARSE_RESOLUTION = 64  # samples a side of the first pass over the whole box
 COARSE_PADDING = 2  # coarse cells added around the occupied region
 SURFACE_QUANTILE = 0.02  # share of rendered surface points allowed to fall outside the mesh
+CARVE_OPACITY = 0.5  # a pixel less opaque than this carves the space it looks through
+SOLID_LEVEL = 0.35  # iso-level of a carved, blurred solid; below one half because the blur and coarse carving views shrink the solid about a pixel (pebble mesh PSNR 26.5 -> 32.5 dB, crate 21.7 -> 22.9)
 
 
 def auto_threshold(density, voxel_size: float, box_size: float) -> float:
@@ -139,7 +141,8 @@ def extract_mesh(
         raise _empty(level, fine, radius)
     log.info("extract: iso-level %.4g (peak density %.4g), grid %s, voxel %.4g", level, fine.max(), shape, voxel)
 
-    if views is not None and cfg.threshold is None:
+    carved = views is not None and cfg.threshold is None
+    if carved:
         centres = np.stack(np.meshgrid(*(low[a] + voxel * np.arange(shape[a]) for a in range(3)), indexing="ij"), axis=-1)
         solid = carve_solid(torch.as_tensor(centres.reshape(-1, 3), dtype=torch.float32), views, margin=cfg.carve_margin * voxel)
         fine = np.where(solid.reshape(shape).cpu().numpy(), 2.0 * level + 1.0, 0.0).astype(np.float32)
@@ -153,7 +156,7 @@ def extract_mesh(
         # voxel of the inside/outside grid, cut at one half, keeps the surface
         # within a voxel of the level set and smooth.
         fine = scipy.ndimage.gaussian_filter((fine > level).astype(np.float32), sigma=cfg.smoothing)
-        level = 0.5
+        level = SOLID_LEVEL if carved else 0.5
     # One layer of empty samples around the grid closes the surface at the box.
     outside = 0.0 if level > 0 else level - 1.0
     padded = np.pad(fine, 1, mode="constant", constant_values=outside)
@@ -197,7 +200,7 @@ def carve_solid(points: torch.Tensor, views: DepthViews, margin: float) -> torch
         seen = (column >= 0) & (column < width) & (row >= 0) & (row < height)
         column, row = column.clamp(0, width - 1), row.clamp(0, height - 1)
         distance = (points - camera.position[0]).norm(dim=-1)
-        transparent = views.opacity[index, row, column] < 0.5
+        transparent = views.opacity[index, row, column] < CARVE_OPACITY
         in_front = distance < views.distance[index, row, column] - margin
         solid &= ~(seen & (transparent | in_front))
     return solid
