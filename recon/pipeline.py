@@ -324,7 +324,6 @@ def reconstruct_image(
     resume: bool = False,
 ) -> Dict[str, Path]:
     """The main job: gate -> prepare -> fit -> extract -> texture -> export."""
-    from recon.prepare import ReferenceView as _View
     from recon.prepare import foreground_mask, load_image, prepare_reference, save_reference
 
     device = choose_device(cfg.device)
@@ -335,7 +334,7 @@ def reconstruct_image(
         from PIL import Image
 
         rgba = np.asarray(Image.open(run_dir / INPUT_IMAGE).convert("RGBA"), dtype=np.float32) / 255.0
-        reference = _View(torch.from_numpy(rgba))
+        reference = ReferenceView(torch.from_numpy(rgba))
     else:
         with timer.stage("gate"):
             image = load_image(image_path)
