@@ -116,8 +116,12 @@ class ExtractConfig:
     threshold: Optional[float] = None  # density iso-level; None picks it automatically
     min_component_ratio: float = 0.02  # drop components smaller than this share of faces
     max_faces: Optional[int] = None  # decimate to this face budget when set
-    smoothing: float = 1.0  # blur of the solid before meshing, in voxels (0: mesh the raw density)
-    carve_margin: float = 2.5  # voxels kept in front of the rendered surface when carving (crate: best chamfer and PSNR)
+    smoothing: float = 1.0  # blur of a density level's solid before meshing, in voxels (0: mesh the raw density)
+    # Carving (the default when no threshold is set): the solid is what 32 depth renders show.
+    # The margin is kept in front of each render's half-opaque depth, which a soft field puts
+    # behind its true surface; 1.5 gave the best mesh PSNR over the pebble and the crate together.
+    carve_margin: float = 1.5  # voxels
+    carve_views_resolution: int = 128  # pixels a side of the depth renders
 
 
 @dataclass

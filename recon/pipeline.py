@@ -122,7 +122,7 @@ CARVING_RINGS = 4  # rings of 8 views spanning the trained elevations
 
 
 @torch.no_grad()
-def rendered_depth_views(state, cfg: Config, resolution: int = 128) -> DepthViews:
+def rendered_depth_views(state, cfg: Config) -> DepthViews:
     """Depth and opacity of the field from all around the object (for carving the mesh's solid).
 
     Only elevations the fit trained on (``camera.elevation_range``): outside
@@ -134,7 +134,7 @@ def rendered_depth_views(state, cfg: Config, resolution: int = 128) -> DepthView
     elevations = [low + (high - low) * i / (CARVING_RINGS - 1) for i in range(CARVING_RINGS)]
     views = [orbit_cameras(8, elevation, cfg.camera.distance, cfg.camera.fovy, device=device, start_azimuth=22.5 * (i % 2)) for i, elevation in enumerate(elevations)]
     cameras = Cameras(*(torch.cat([getattr(v, name) for v in views]) for name in ("elevation", "azimuth", "distance", "fovy")))
-    out = render_images(state.field, state.occupancy, cameras, resolution, cfg.render)
+    out = render_images(state.field, state.occupancy, cameras, cfg.extract.carve_views_resolution, cfg.render)
     return DepthViews(cameras, out.half_opacity[..., 0], out.opacity[..., 0])
 
 

@@ -226,3 +226,14 @@ def test_explicit_threshold_ignores_views():
     views = _sphere_depth_views(0.35)
     mesh = extract_mesh(_ball((0, 0, 0), 0.2), RADIUS, ExtractConfig(resolution=48, threshold=25.0), views=views)
     assert (mesh.vertices.norm(dim=-1) - 0.2).abs().mean() < 0.02
+
+
+def test_carving_places_the_surface_between_samples():
+    """Carving values are continuous, so the mesh lands well inside a voxel of the true sphere."""
+    views = _sphere_depth_views(0.35, resolution=128)
+    cfg = ExtractConfig(resolution=48)
+    mesh = extract_mesh(_ball((0, 0, 0), 0.35), RADIUS, cfg, views=views)
+    voxel = 2 * RADIUS / (cfg.resolution - 1)  # at most; the fine grid spans only the object's box
+    radial_error = (mesh.vertices.norm(dim=-1) - 0.35).abs()
+    assert radial_error.mean() < 0.25 * voxel
+    assert radial_error.max() < voxel

@@ -26,6 +26,17 @@ length scale clamped to what the grid can resolve:
   across the whole box renders as (nearly) nothing, so it is never a surface;
   a field whose peak is below this is reported as empty instead of meshing noise.
 
+Carving from the renders (``carve_values``, the pipeline's default)
+-------------------------------------------------------------------
+A field fitted by SDS is soft and leaky, so no density level is the surface
+its renders show. Given depth and opacity renders from all around, each fine
+sample instead gets a value in [0, 1] with the surface at 0.5: per view the
+smaller of the interpolated opacity and a ramp on how far the sample lies
+behind the rendered depth, then the minimum over views. Being continuous,
+it lets marching cubes put vertices between samples; on the self-check's
+pebble this took the mesh from 32.5 to 34.3 dB PSNR (field: 35.1 dB),
+against meshing a binary carved solid blurred by a voxel.
+
 Orientation: pymcubes emits triangles counter-clockwise seen from the side of
 lower values when the inside holds the higher values, i.e. normals point from
 dense to empty, which is outward for a density. Marching cubes on a closed
@@ -70,8 +81,8 @@ class DepthViews:
 COARSE_RESOLUTION = 64  # samples a side of the first pass over the whole box
 COARSE_PADDING = 2  # coarse cells added around the occupied region
 SURFACE_QUANTILE = 0.02  # share of rendered surface points allowed to fall outside the mesh
-CARVE_OPACITY = 0.5  # a pixel less opaque than this carves the space it looks through
-SOLID_LEVEL = 0.35  # iso-level of a carved, blurred solid; below one half because the blur and coarse carving views shrink the solid about a pixel (pebble mesh PSNR 26.5 -> 32.5 dB, crate 21.7 -> 22.9)
+CARVED_LEVEL = 0.5  # the surface of the carving values: half opaque, or at the rendered depth
+CARVE_RAMP = 2.0  # voxels over which the depth test goes from empty to solid
 
 
 def auto_threshold(density, voxel_size: float, box_size: float) -> float:
@@ -103,7 +114,7 @@ def extract_mesh(
     a low quantile of the density there (:func:`threshold_at_surface`).
 
     ``views`` (optional): depth and opacity renders of the field. With no
-    ``cfg.threshold`` the solid is then carved from them (:func:`carve_solid`)
+    ``cfg.threshold`` the solid is then carved from them (:func:`carve_values`)
     instead of cut at a density level: the mesh is the shape the renders show,
     however soft or leaky the density inside it is.
 
@@ -135,28 +146,33 @@ def extract_mesh(
     # Fine pass: isotropic voxels, ``resolution`` samples along the longest side.
     voxel = float((high - low).max()) / (cfg.resolution - 1)
     shape = tuple(int(n) for n in np.floor((high - low) / voxel + 1e-6).astype(int) + 1)
-    fine = sample_grid(density_fn, low, voxel, shape, chunk, device)
-    level = cfg.threshold if cfg.threshold is not None else (surface_level or auto_threshold(fine, voxel, box_size))
-    if not (fine > level).any():
-        raise _empty(level, fine, radius)
-    log.info("extract: iso-level %.4g (peak density %.4g), grid %s, voxel %.4g", level, fine.max(), shape, voxel)
-
-    carved = views is not None and cfg.threshold is None
-    if carved:
+    if views is not None and cfg.threshold is None:
+        # Mesh what the renders show. The carving values are continuous (0.5
+        # on the surface, interpolated from the views' pixels), so marching
+        # cubes places vertices between samples and needs no blur; the
+        # density itself is not sampled again.
         centres = np.stack(np.meshgrid(*(low[a] + voxel * np.arange(shape[a]) for a in range(3)), indexing="ij"), axis=-1)
-        solid = carve_solid(torch.as_tensor(centres.reshape(-1, 3), dtype=torch.float32), views, margin=cfg.carve_margin * voxel)
-        fine = np.where(solid.reshape(shape).cpu().numpy(), 2.0 * level + 1.0, 0.0).astype(np.float32)
+        values = carve_values(torch.as_tensor(centres.reshape(-1, 3), dtype=torch.float32), views, margin=cfg.carve_margin * voxel, ramp=CARVE_RAMP * voxel)
+        fine, level = values.reshape(shape).cpu().numpy().astype(np.float32), CARVED_LEVEL
         if not (fine > level).any():
             raise _empty(level, fine, radius)
-    fine = fill_enclosed(fine, level)
-    if cfg.smoothing > 0:
-        # Mesh the solid, not the raw density: a field fitted by SDS is noisy
-        # at the voxel scale, and its level set comes out rough (several times
-        # the true area, hundreds of thousands of faces). A blur of about one
-        # voxel of the inside/outside grid, cut at one half, keeps the surface
-        # within a voxel of the level set and smooth.
-        fine = scipy.ndimage.gaussian_filter((fine > level).astype(np.float32), sigma=cfg.smoothing)
-        level = SOLID_LEVEL if carved else 0.5
+        fine = fill_enclosed(fine, level)
+        log.info("extract: carved from %d views, grid %s, voxel %.4g", len(views.cameras), shape, voxel)
+    else:
+        fine = sample_grid(density_fn, low, voxel, shape, chunk, device)
+        level = cfg.threshold if cfg.threshold is not None else (surface_level or auto_threshold(fine, voxel, box_size))
+        if not (fine > level).any():
+            raise _empty(level, fine, radius)
+        log.info("extract: iso-level %.4g (peak density %.4g), grid %s, voxel %.4g", level, fine.max(), shape, voxel)
+        fine = fill_enclosed(fine, level)
+        if cfg.smoothing > 0:
+            # Mesh the solid, not the raw density: a field fitted by SDS is noisy
+            # at the voxel scale, and its level set comes out rough (several times
+            # the true area, hundreds of thousands of faces). A blur of about one
+            # voxel of the inside/outside grid, cut at one half, keeps the surface
+            # within a voxel of the level set and smooth.
+            fine = scipy.ndimage.gaussian_filter((fine > level).astype(np.float32), sigma=cfg.smoothing)
+            level = 0.5
     # One layer of empty samples around the grid closes the surface at the box.
     outside = 0.0 if level > 0 else level - 1.0
     padded = np.pad(fine, 1, mode="constant", constant_values=outside)
@@ -178,32 +194,45 @@ def extract_mesh(
 
 
 @torch.no_grad()
-def carve_solid(points: torch.Tensor, views: DepthViews, margin: float) -> torch.Tensor:
-    """Which points [M, 3] no view sees through: space carving with the field's rendered depth.
+def carve_values(points: torch.Tensor, views: DepthViews, margin: float, ramp: float) -> torch.Tensor:
+    """How solid each point [M, 3] looks to every view, in [0, 1]; 0.5 is the surface (space carving).
 
-    A point is empty if, in some view, its pixel is mostly transparent or the
-    point lies clearly (``margin``) in front of where that pixel's ray ends.
-    What survives every view is the solid whose renders match the field's;
-    parts no view can see (deep concavities, the inside) stay solid.
+    Per view, a point is as solid as the smaller of two values read at its
+    (sub-pixel, bilinear) projection: the render's opacity there, and how far
+    it lies behind the rendered surface (0.5 at ``margin`` in front of it,
+    rising over ``ramp``). The result is the minimum over the views that see
+    the point. What survives every view is the solid whose renders match the
+    field's; parts no view can see (deep concavities, the inside) stay solid.
+    The surface depth is interpolated over opaque pixels only, so a silhouette
+    never averages in the infinite depth of the background.
     """
     from recon.camera import project
 
     device = views.distance.device
     points = points.to(device)
-    solid = torch.ones(points.shape[0], dtype=torch.bool, device=device)
     n_views, height, width = views.distance.shape
+    # The nearest surface within a pixel's neighbourhood: where a ray grazes
+    # the object the depth jumps between pixels (and a soft field's grazing
+    # rays become half opaque far behind the tangent point), so the plain
+    # depth would carve away surface that the neighbouring pixels show.
+    nearest = -torch.nn.functional.max_pool2d(-views.distance[:, None], 3, stride=1, padding=1)[:, 0]
+    opaque = torch.isfinite(nearest)
+    # channels: opacity, opaque weight, opaque-weighted distance
+    maps = torch.stack([views.opacity, opaque.float(), torch.where(opaque, nearest, torch.zeros_like(nearest))], dim=1)
+    scale = torch.tensor([2.0 / width, 2.0 / height], device=device)
+    value = torch.ones(points.shape[0], device=device)
     for index in range(n_views):
         camera = views.cameras[index]
         pixels, _ = project(points, camera, height, width)
-        column = pixels[0, :, 0].floor().long()
-        row = pixels[0, :, 1].floor().long()
-        seen = (column >= 0) & (column < width) & (row >= 0) & (row < height)
-        column, row = column.clamp(0, width - 1), row.clamp(0, height - 1)
+        grid = pixels[0] * scale - 1.0  # grid_sample's [-1, 1] spans the outer pixel edges
+        seen = (grid.abs() <= 1.0).all(dim=-1)
+        sampled = torch.nn.functional.grid_sample(maps[index : index + 1], grid[None, None], mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0]
+        opacity, weight, weighted = sampled
+        surface = weighted / weight.clamp(min=1e-6)
         distance = (points - camera.position[0]).norm(dim=-1)
-        transparent = views.opacity[index, row, column] < CARVE_OPACITY
-        in_front = distance < views.distance[index, row, column] - margin
-        solid &= ~(seen & (transparent | in_front))
-    return solid
+        behind = torch.where(weight > 1e-3, (0.5 + (distance - surface + margin) / ramp).clamp(0.0, 1.0), torch.ones_like(distance))
+        value = torch.where(seen, torch.minimum(value, torch.minimum(opacity, behind)), value)
+    return value
 
 
 @torch.no_grad()
