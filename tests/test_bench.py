@@ -3,8 +3,9 @@
 The dataset is written the way GSO ships it (meshes/model.obj + model.mtl whose
 map_Kd names texture.png, the PNG in materials/textures/), by hand rather than
 through trimesh's exporter, so the reader is checked against the real layout.
-The reconstruction is a stand-in defined here (the real one lives in
-recon.pipeline); it scores a known perturbation of the ground truth.
+Most harness tests use a stand-in reconstruction defined here, which scores a
+known perturbation of the ground truth; the last test runs the real one
+(recon.pipeline, reference prior, full CPU preset) in-process and on Ray.
 """
 
 import csv

@@ -146,7 +146,8 @@ def extract_mesh(
     # Fine pass: isotropic voxels, ``resolution`` samples along the longest side.
     voxel = float((high - low).max()) / (cfg.resolution - 1)
     shape = tuple(int(n) for n in np.floor((high - low) / voxel + 1e-6).astype(int) + 1)
-    if views is not None and cfg.threshold is None:
+    carved = views is not None and cfg.threshold is None
+    if carved:
         # Mesh what the renders show. The carving values are continuous (0.5
         # on the surface, interpolated from the views' pixels), so marching
         # cubes places vertices between samples and needs no blur; the
@@ -154,25 +155,22 @@ def extract_mesh(
         centres = np.stack(np.meshgrid(*(low[a] + voxel * np.arange(shape[a]) for a in range(3)), indexing="ij"), axis=-1)
         values = carve_values(torch.as_tensor(centres.reshape(-1, 3), dtype=torch.float32), views, margin=cfg.carve_margin * voxel, ramp=CARVE_RAMP * voxel)
         fine, level = values.reshape(shape).cpu().numpy().astype(np.float32), CARVED_LEVEL
-        if not (fine > level).any():
-            raise _empty(level, fine, radius)
-        fine = fill_enclosed(fine, level)
         log.info("extract: carved from %d views, grid %s, voxel %.4g", len(views.cameras), shape, voxel)
     else:
         fine = sample_grid(density_fn, low, voxel, shape, chunk, device)
         level = cfg.threshold if cfg.threshold is not None else (surface_level or auto_threshold(fine, voxel, box_size))
-        if not (fine > level).any():
-            raise _empty(level, fine, radius)
         log.info("extract: iso-level %.4g (peak density %.4g), grid %s, voxel %.4g", level, fine.max(), shape, voxel)
-        fine = fill_enclosed(fine, level)
-        if cfg.smoothing > 0:
-            # Mesh the solid, not the raw density: a field fitted by SDS is noisy
-            # at the voxel scale, and its level set comes out rough (several times
-            # the true area, hundreds of thousands of faces). A blur of about one
-            # voxel of the inside/outside grid, cut at one half, keeps the surface
-            # within a voxel of the level set and smooth.
-            fine = scipy.ndimage.gaussian_filter((fine > level).astype(np.float32), sigma=cfg.smoothing)
-            level = 0.5
+    if not (fine > level).any():
+        raise _empty(level, fine, radius)
+    fine = fill_enclosed(fine, level)
+    if not carved and cfg.smoothing > 0:
+        # Mesh the solid, not the raw density: a field fitted by SDS is noisy
+        # at the voxel scale, and its level set comes out rough (several times
+        # the true area, hundreds of thousands of faces). A blur of about one
+        # voxel of the inside/outside grid, cut at one half, keeps the surface
+        # within a voxel of the level set and smooth.
+        fine = scipy.ndimage.gaussian_filter((fine > level).astype(np.float32), sigma=cfg.smoothing)
+        level = 0.5
     # One layer of empty samples around the grid closes the surface at the box.
     outside = 0.0 if level > 0 else level - 1.0
     padded = np.pad(fine, 1, mode="constant", constant_values=outside)
