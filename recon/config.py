@@ -118,8 +118,10 @@ class ExtractConfig:
     max_faces: Optional[int] = None  # decimate to this face budget when set
     smoothing: float = 1.0  # blur of a density level's solid before meshing, in voxels (0: mesh the raw density)
     # Carving (the default when no threshold is set): the solid is what 32 depth renders show.
-    # The margin is kept in front of each render's half-opaque depth, which a soft field puts
-    # behind its true surface; 1.5 gave the best mesh PSNR over the pebble and the crate together.
+    # The margin is kept in front of each render's depth, which a soft field puts behind its
+    # true surface where rays graze it. Mesh PSNR on CPU-preset fits: the pebble's silhouette
+    # shrinks below 1.5 (34.6 dB at 1.5, 29.4 at 1.0); the crate's faces swell above 1.0
+    # (23.8 dB at 1.0, 23.1 at 1.5). 1.5 is the smallest margin that keeps smooth objects whole.
     carve_margin: float = 1.5  # voxels
     carve_views_resolution: int = 128  # pixels a side of the depth renders
 

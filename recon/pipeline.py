@@ -24,7 +24,7 @@ from recon.fit import load_checkpoint, new_fit_state, reference_camera, run_fit
 from recon.io_utils import write_json_atomic
 from recon.mesh.data import MeshData
 from recon.mesh.export import export_asset
-from recon.mesh.extract import DepthViews, extract_mesh
+from recon.mesh.extract import CARVE_DEPTH_OPACITY, DepthViews, extract_mesh
 from recon.mesh.preview import write_previews
 from recon.mesh.texture import bake_texture, bake_vertex_colors, unwrap
 from recon.prepare import ReferenceView
@@ -134,8 +134,8 @@ def rendered_depth_views(state, cfg: Config) -> DepthViews:
     elevations = [low + (high - low) * i / (CARVING_RINGS - 1) for i in range(CARVING_RINGS)]
     views = [orbit_cameras(8, elevation, cfg.camera.distance, cfg.camera.fovy, device=device, start_azimuth=22.5 * (i % 2)) for i, elevation in enumerate(elevations)]
     cameras = Cameras(*(torch.cat([getattr(v, name) for v in views]) for name in ("elevation", "azimuth", "distance", "fovy")))
-    out = render_images(state.field, state.occupancy, cameras, cfg.extract.carve_views_resolution, cfg.render)
-    return DepthViews(cameras, out.half_opacity[..., 0], out.opacity[..., 0])
+    out = render_images(state.field, state.occupancy, cameras, cfg.extract.carve_views_resolution, cfg.render, surface_opacity=CARVE_DEPTH_OPACITY)
+    return DepthViews(cameras, out.surface_distance[..., 0], out.opacity[..., 0])
 
 
 def rendered_surface_points(views: DepthViews) -> torch.Tensor:

@@ -115,22 +115,26 @@ def test_field_blob_and_normals():
     assert math.isfinite(field.albedo(centre).sum().item())
 
 
-def test_half_opacity_distance_is_where_the_ray_turns_opaque():
-    from recon.render.volume import half_opacity_distance
+def test_opacity_distance_is_where_the_ray_turns_opaque():
+    from recon.render.volume import opacity_distance
 
     t = torch.arange(6.0)
     starts, ends = t[:-1].repeat(2), t[1:].repeat(2)
     rays = torch.tensor([0] * 5 + [1] * 5)
     weights = torch.tensor([0.1, 0.2, 0.4, 0.2, 0.1, 0.0, 0.1, 0.1, 0.0, 0.0])
-    d = half_opacity_distance(weights, starts, ends, rays, 3)
+    d = opacity_distance(weights, starts, ends, rays, 3)
     assert d[0, 0] == pytest.approx(2.5)  # 0.3 before sample 2 (0.4 wide): half of it reaches 0.5
     assert torch.isinf(d[1, 0]) and torch.isinf(d[2, 0])  # never half opaque; no samples at all
+    low = opacity_distance(weights, starts, ends, rays, 3, level=0.2)
+    assert low[0, 0] == pytest.approx(1.5)  # 0.1 before sample 1 (0.2 wide): half of it reaches 0.2
+    assert low[1, 0] == pytest.approx(3.0)  # the second ray reaches 0.2 at the end of its sample 2
 
 
-def test_sphere_half_opacity_matches_the_surface():
+def test_sphere_surface_distance_matches_the_surface():
     field = SphereField(sigma=500.0)
     cfg = RenderConfig(n_samples_per_ray=512)
     grid = TorchOccupancyGrid(field.radius, 32, "cpu")
     origins = torch.tensor([[2.0, 0.0, 0.0]])
-    out = render_rays(field, grid, origins, torch.tensor([[-1.0, 0.0, 0.0]]), cfg, torch.ones(3))
-    assert out.half_opacity[0, 0] == pytest.approx(2.0 - field.sphere, abs=step_size(field.radius, cfg))
+    for level in (0.5, 0.25):
+        out = render_rays(field, grid, origins, torch.tensor([[-1.0, 0.0, 0.0]]), cfg, torch.ones(3), surface_opacity=level)
+        assert out.surface_distance[0, 0] == pytest.approx(2.0 - field.sphere, abs=step_size(field.radius, cfg))

@@ -65,11 +65,13 @@ class RayBundle:
     normal: Optional[torch.Tensor] = None  # [R, 3] accumulated world normals
     orientation: Optional[torch.Tensor] = None  # [R] penalty of normals facing away from the camera
     n_samples: int = 0
-    half_opacity: Optional[torch.Tensor] = None  # [R, 1] distance where the ray is half opaque (inf: never)
+    surface_distance: Optional[torch.Tensor] = None  # [R, 1] distance where the ray's opacity reaches the surface level (inf: never)
 
 
-def half_opacity_distance(weights: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
-    """Per ray, where accumulated opacity first reaches one half: the surface a viewer sees.
+def opacity_distance(
+    weights: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor, ray_indices: torch.Tensor, n_rays: int, level: float = 0.5
+) -> torch.Tensor:
+    """Per ray, where accumulated opacity first reaches ``level``: the surface a viewer sees.
 
     On a soft field the expected depth lies behind that point (it averages
     over the fog the ray crosses), so carving or measuring geometry uses this.
@@ -78,9 +80,9 @@ def half_opacity_distance(weights: torch.Tensor, t_starts: torch.Tensor, t_ends:
 
     before = exclusive_sum_per_ray(weights, ray_indices, n_rays)
     after = before + weights
-    crossing = (before < 0.5) & (after >= 0.5)
+    crossing = (before < level) & (after >= level)
     # linear interpolation inside the sample interval where the crossing happens
-    fraction = ((0.5 - before) / weights.clamp(min=1e-10)).clamp(0.0, 1.0)
+    fraction = ((level - before) / weights.clamp(min=1e-10)).clamp(0.0, 1.0)
     t = torch.where(crossing, t_starts + fraction * (t_ends - t_starts), torch.full_like(t_starts, float("inf")))
     out = torch.full((n_rays,), float("inf"), device=t.device, dtype=t.dtype)
     return out.scatter_reduce(0, ray_indices, t, reduce="amin")[:, None]
@@ -96,8 +98,12 @@ def render_rays(
     stratified: bool = False,
     normals: bool = False,
     generator: Optional[torch.Generator] = None,
+    surface_opacity: float = 0.5,
 ) -> RayBundle:
-    """Render rays [R, 3]; ``normals`` also accumulates normals and the orientation penalty."""
+    """Render rays [R, 3]; ``normals`` also accumulates normals and the orientation penalty.
+
+    ``surface_distance`` is where each ray's opacity first reaches ``surface_opacity``.
+    """
     n_rays = origins.shape[0]
     step = step_size(field.radius, cfg)
 
@@ -121,7 +127,7 @@ def render_rays(
         opacity=opacity,
         depth=out["depth"],
         n_samples=int(ray_indices.numel()),
-        half_opacity=half_opacity_distance(out["weights"].detach(), t_starts, t_ends, ray_indices, n_rays),
+        surface_distance=opacity_distance(out["weights"].detach(), t_starts, t_ends, ray_indices, n_rays, surface_opacity),
     )
     if normals:
         bundle.normal = out["normal"]
@@ -139,7 +145,7 @@ class ImageBatch:
     normal: Optional[torch.Tensor] = None  # [N, H, W, 3]
     orientation: Optional[torch.Tensor] = None  # [N, H, W]
     n_samples: int = 0
-    half_opacity: Optional[torch.Tensor] = None  # [N, H, W, 1]
+    surface_distance: Optional[torch.Tensor] = None  # [N, H, W, 1]
 
 
 def render_images(
@@ -151,6 +157,7 @@ def render_images(
     stratified: bool = False,
     normals: bool = False,
     generator: Optional[torch.Generator] = None,
+    surface_opacity: float = 0.5,
 ) -> ImageBatch:
     """Render whole views. With gradients on, one pass; without, in chunks of ``cfg.chunk_rays``."""
     origins, directions = generate_rays(cameras, resolution)
@@ -159,7 +166,7 @@ def render_images(
     background = torch.as_tensor(cfg.background, dtype=torch.float32, device=origins.device)
     chunk = origins.shape[0] if torch.is_grad_enabled() else cfg.chunk_rays
     parts = [
-        render_rays(field, occupancy, o, d, cfg, background, stratified, normals, generator)
+        render_rays(field, occupancy, o, d, cfg, background, stratified, normals, generator, surface_opacity)
         for o, d in zip(origins.split(chunk), directions.split(chunk))
     ]
 
@@ -176,5 +183,5 @@ def render_images(
         normal=gather("normal"),
         orientation=gather("orientation"),
         n_samples=sum(p.n_samples for p in parts),
-        half_opacity=gather("half_opacity"),
+        surface_distance=gather("surface_distance"),
     )
