@@ -237,3 +237,22 @@ def test_carving_places_the_surface_between_samples():
     radial_error = (mesh.vertices.norm(dim=-1) - 0.35).abs()
     assert radial_error.mean() < 0.25 * voxel
     assert radial_error.max() < voxel
+
+
+def test_carving_reads_a_soft_silhouette_and_depth_at_low_opacity():
+    """One view of a flat, partly opaque wall: a soft fringe counts as solid, a faint haze does not."""
+    from recon.camera import Cameras
+    from recon.mesh.extract import CARVE_SILHOUETTE_OPACITY, DepthViews, carve_values
+
+    camera = Cameras.make(0.0, 0.0, 2.0, 40.0)
+    wall = torch.full((1, 16, 16), 2.0)  # every ray reaches the carving opacity 2 units from the camera
+    on_axis = camera.position[0] * (1 - torch.tensor([[1.5], [2.0], [2.5]]) / 2.0)  # in front of, on, behind the wall
+
+    def values(opacity):
+        return carve_values(on_axis, DepthViews(camera, wall, torch.full((1, 16, 16), opacity)), margin=0.1, ramp=0.2)
+
+    fringe = values(CARVE_SILHOUETTE_OPACITY + 0.05)
+    assert fringe[0] == 0.0  # well in front of the wall: empty
+    assert fringe[1] >= 0.5 and fringe[2] >= 0.5  # on and behind the wall: solid, though the pixel is far from opaque
+    haze = values(CARVE_SILHOUETTE_OPACITY - 0.05)
+    assert (haze < 0.5).all()  # a fainter pixel is outside the silhouette at any depth
