@@ -72,9 +72,13 @@ def save_checkpoint(state: FitState, cfg: Config, path: Path) -> None:
         torch.save(payload, temporary)
 
 
-def load_checkpoint(path: Path, device) -> tuple:
-    """(FitState, Config) from a checkpoint written by :func:`save_checkpoint`."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents on the CPU; ``from_dict(payload["config"])`` is the run's config."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore_fit_state(payload: dict, device) -> tuple:
+    """(FitState on ``device``, saved Config) from :func:`read_checkpoint`'s payload."""
     cfg = from_dict(payload["config"])
     state = new_fit_state(cfg, device)
     state.field.load_state_dict(payload["field"])
@@ -85,6 +89,11 @@ def load_checkpoint(path: Path, device) -> tuple:
     state.step = int(payload["step"])
     state.history = list(payload.get("history", []))
     return state, cfg
+
+
+def load_checkpoint(path: Path, device) -> tuple:
+    """(FitState, Config) from a checkpoint written by :func:`save_checkpoint`."""
+    return restore_fit_state(read_checkpoint(path), device)
 
 
 class _ReferenceTarget:

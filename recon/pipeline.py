@@ -18,9 +18,9 @@ import torch
 
 from recon.bench.metrics import image_metrics, mesh_metrics, normalize_to_unit_cube
 from recon.camera import Cameras, orbit_cameras
-from recon.config import Config, apply_overrides, to_dict
+from recon.config import Config, apply_overrides, from_dict, to_dict
 from recon.errors import BadInput, Refused
-from recon.fit import load_checkpoint, new_fit_state, reference_camera, run_fit
+from recon.fit import load_checkpoint, new_fit_state, read_checkpoint, reference_camera, restore_fit_state, run_fit
 from recon.io_utils import write_json_atomic
 from recon.mesh.data import MeshData
 from recon.mesh.export import export_asset
@@ -388,11 +388,10 @@ def reconstruct_object(gt_mesh: MeshData, config: Config, run_dir: Path, prior: 
 def export_only(run_dir: Path, overrides, log=None, quiet: bool = False) -> Dict[str, Path]:
     """Re-export a run from its checkpoint with new extract/texture/export settings, without refitting."""
     run_dir = Path(run_dir)
-    state, cfg = load_checkpoint(run_dir / CHECKPOINT_NAME, "cpu")
-    cfg = apply_overrides(cfg, list(overrides))
-    device = choose_device(cfg.device)
-    if device.type != "cpu":
-        state, cfg_saved = load_checkpoint(run_dir / CHECKPOINT_NAME, device)
+    payload = read_checkpoint(run_dir / CHECKPOINT_NAME)
+    cfg = apply_overrides(from_dict(payload["config"]), list(overrides))
+    # The field is rebuilt with the saved config, on the device the overrides choose.
+    state, _ = restore_fit_state(payload, choose_device(cfg.device))
     timer = StageTimer(log)
     _, paths = finish_asset(state, cfg, run_dir, timer)
     if (run_dir / "run.json").is_file():
@@ -404,8 +403,7 @@ def export_only(run_dir: Path, overrides, log=None, quiet: bool = False) -> Dict
 def resume(run_dir: Path, overrides, record: RunRecord, log=None, quiet: bool = False):
     """Continue an interrupted run from its checkpoint (same mode, same inputs)."""
     run_dir = Path(run_dir)
-    _, cfg = load_checkpoint(run_dir / CHECKPOINT_NAME, "cpu")
-    cfg = apply_overrides(cfg, list(overrides))
+    cfg = apply_overrides(from_dict(read_checkpoint(run_dir / CHECKPOINT_NAME)["config"]), list(overrides))
     record.update(status="running", resumed=True)
     mode = record.data.get("mode")
     if mode == "reference-mesh":
