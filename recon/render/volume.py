@@ -65,7 +65,7 @@ class RayBundle:
     normal: Optional[torch.Tensor] = None  # [R, 3] accumulated world normals
     orientation: Optional[torch.Tensor] = None  # [R] penalty of normals facing away from the camera
     n_samples: int = 0
-    surface_distance: Optional[torch.Tensor] = None  # [R, 1] distance where the ray's opacity reaches the surface level (inf: never)
+    surface_distance: Optional[torch.Tensor] = None  # [R, 1] where the ray's opacity reaches ``surface_opacity`` (inf: never); only when asked
 
 
 def opacity_distance(
@@ -98,11 +98,12 @@ def render_rays(
     stratified: bool = False,
     normals: bool = False,
     generator: Optional[torch.Generator] = None,
-    surface_opacity: float = 0.5,
+    surface_opacity: Optional[float] = None,
 ) -> RayBundle:
     """Render rays [R, 3]; ``normals`` also accumulates normals and the orientation penalty.
 
-    ``surface_distance`` is where each ray's opacity first reaches ``surface_opacity``.
+    With ``surface_opacity``, ``surface_distance`` is where each ray's opacity
+    first reaches it (for carving; the fit's renders skip the extra pass).
     """
     n_rays = origins.shape[0]
     step = step_size(field.radius, cfg)
@@ -127,8 +128,9 @@ def render_rays(
         opacity=opacity,
         depth=out["depth"],
         n_samples=int(ray_indices.numel()),
-        surface_distance=opacity_distance(out["weights"].detach(), t_starts, t_ends, ray_indices, n_rays, surface_opacity),
     )
+    if surface_opacity is not None:
+        bundle.surface_distance = opacity_distance(out["weights"].detach(), t_starts, t_ends, ray_indices, n_rays, surface_opacity)
     if normals:
         bundle.normal = out["normal"]
         # Ref-NeRF's orientation loss: visible samples should not face away from the camera.
@@ -157,7 +159,7 @@ def render_images(
     stratified: bool = False,
     normals: bool = False,
     generator: Optional[torch.Generator] = None,
-    surface_opacity: float = 0.5,
+    surface_opacity: Optional[float] = None,
 ) -> ImageBatch:
     """Render whole views. With gradients on, one pass; without, in chunks of ``cfg.chunk_rays``."""
     origins, directions = generate_rays(cameras, resolution)
