@@ -227,10 +227,10 @@ def carve_values(points: torch.Tensor, views: DepthViews, margin: float, ramp: f
     device = views.distance.device
     points = points.to(device)
     n_views, height, width = views.distance.shape
-    opaque = torch.isfinite(views.distance)
+    has_depth = torch.isfinite(views.distance)
     solid = (views.opacity * (CARVED_LEVEL / CARVE_SILHOUETTE_OPACITY)).clamp(max=1.0)
     # channels: opacity term, weight of pixels with a depth, weighted depth
-    maps = torch.stack([solid, opaque.float(), torch.where(opaque, views.distance, torch.zeros_like(views.distance))], dim=1)
+    maps = torch.stack([solid, has_depth.float(), torch.where(has_depth, views.distance, torch.zeros_like(views.distance))], dim=1)
     scale = torch.tensor([2.0 / width, 2.0 / height], device=device)
     value = torch.ones(points.shape[0], device=device)
     for index in range(n_views):
