@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from recon.config import FieldConfig
 from recon.errors import BadInput
+from recon.field import hash_grid_cpu
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ class HashGrid(nn.Module):
         self.params = nn.Parameter(
             torch.empty(self.n_table_entries * self.n_features_per_level).uniform_(-1e-4, 1e-4)
         )
+        self.use_fused_cpu = True  # the fused CPU kernels where they apply (see forward)
+        self._layout = None
 
     @property
     def n_output_dims(self) -> int:
@@ -127,6 +130,22 @@ class HashGrid(nn.Module):
             f"levels={self.n_levels} ({self.n_dense_levels} dense), features={self.n_features_per_level}, "
             f"log2_hashmap_size={self.log2_hashmap_size}, resolutions={self.resolutions[0]}..{self.resolutions[-1]}"
         )
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        return (
+            self.use_fused_cpu
+            and x.device.type == "cpu"
+            and self.n_input_dims == hash_grid_cpu.N_INPUT_DIMS
+            and self.n_features_per_level == hash_grid_cpu.N_FEATURES
+            and self.params.dtype == torch.float32
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and hash_grid_cpu.kernels() is not None
+        )
+
+    def _fused_layout(self):
+        if self._layout is None:
+            self._layout = hash_grid_cpu.LevelLayout(self)
+        return self._layout
 
     def corner_indices(self, cell: torch.Tensor) -> torch.Tensor:
         """Table rows [L, 2**d, N] of the corners of the cells whose low vertex is ``cell`` [L, d, N] (int64)."""
@@ -150,6 +169,14 @@ class HashGrid(nn.Module):
         return index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode points [N, d] in [0, 1] -> features [N, n_levels * n_features_per_level] float32.
+
+        On the CPU, when the points need no gradient (rendering, fitting the
+        table), the fused kernels of :mod:`recon.field.hash_grid_cpu` compute
+        the same function; ``use_fused_cpu = False`` forces this PyTorch path.
+        """
+        if self._can_fuse(x):
+            return hash_grid_cpu.fused_encode(x.float(), self.params, self._fused_layout())
         n_points, n_features = x.shape[0], self.n_features_per_level
         # Layout [levels, ..., points, features]: CPU kernels are fast on long contiguous
         # rows and slow when broadcasting over a short innermost dimension, so points and

@@ -15,6 +15,8 @@ from typing import Callable, Tuple
 
 import torch
 
+from recon.render import occupancy_cpu
+
 Samples = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 EARLY_STOP_EPS = 1e-4  # nerfacc's default: a ray this opaque has finished
 
@@ -38,6 +40,43 @@ def ray_box_intersection(origins: torch.Tensor, directions: torch.Tensor, radius
     return t_near, t_far
 
 
+def march_occupied(
+    origins: torch.Tensor,
+    directions: torch.Tensor,
+    t_near: torch.Tensor,
+    t_far: torch.Tensor,
+    offsets: torch.Tensor,
+    step_size: float,
+    n_steps: int,
+    binary: torch.Tensor,
+    radius: float,
+) -> Samples:
+    """The steps of each ray that fall in occupied cells, packed and sorted by ray, then distance.
+
+    Rays [R, 3] step from their box entry ``t_near`` [R]: step ``k`` spans
+    ``t_near + (k + offsets) * step_size`` plus ``step_size`` (``offsets`` [R]
+    in [0, 1): stratification), for ``k < n_steps``. A step is kept when it
+    ends before ``t_far`` [R] and its midpoint lies in a cell where ``binary``
+    [G, G, G] (over the box [-radius, radius]^3) is set. The pure-PyTorch
+    reference of :func:`recon.render.occupancy_cpu.march_occupied`.
+    """
+    t_starts = t_near[:, None] + (torch.arange(n_steps, device=origins.device)[None] + offsets[:, None]) * step_size
+    t_ends = t_starts + step_size
+    midpoints = origins[:, None] + directions[:, None] * (0.5 * (t_starts + t_ends))[..., None]
+    keep = (t_ends <= t_far[:, None]) & occupied_cells(midpoints, binary, radius)
+    ray_indices, step_indices = keep.nonzero(as_tuple=True)  # row-major: sorted by ray, then t
+    return ray_indices, t_starts[ray_indices, step_indices], t_ends[ray_indices, step_indices]
+
+
+def occupied_cells(points: torch.Tensor, binary: torch.Tensor, radius: float) -> torch.Tensor:
+    """Whether each world point [..., 3] lies in a cell where ``binary`` [G, G, G] is set (False outside the box)."""
+    resolution = binary.shape[0]
+    unit = (points / radius + 1.0) * 0.5
+    inside = ((unit >= 0.0) & (unit < 1.0)).all(dim=-1)
+    index = (unit.clamp(0.0, 1.0 - 1e-6) * resolution).long()
+    return inside & binary[index[..., 0], index[..., 1], index[..., 2]]
+
+
 class TorchOccupancyGrid:
     """Occupancy grid in plain PyTorch (CPU path, and the reference for the CUDA one)."""
 
@@ -50,6 +89,7 @@ class TorchOccupancyGrid:
         # opacity starts at zero (as nerfacc's does) so that update decides alone.
         self.occupancy = torch.zeros(n, device=self.device)
         self.binary = torch.ones(resolution, resolution, resolution, dtype=torch.bool, device=self.device)
+        self.use_fused_cpu = True  # recon.render.occupancy_cpu's kernel where it is available
 
     def _cell_centres(self) -> torch.Tensor:
         r = self.resolution
@@ -70,10 +110,7 @@ class TorchOccupancyGrid:
 
     def occupied(self, points: torch.Tensor) -> torch.Tensor:
         """Whether each world point [..., 3] lies in an occupied cell (False outside the box)."""
-        unit = (points / self.radius + 1.0) * 0.5
-        inside = ((unit >= 0.0) & (unit < 1.0)).all(dim=-1)
-        index = (unit.clamp(0.0, 1.0 - 1e-6) * self.resolution).long()
-        return inside & self.binary[index[..., 0], index[..., 1], index[..., 2]]
+        return occupied_cells(points, self.binary, self.radius)
 
     def sample(
         self, origins: torch.Tensor, directions: torch.Tensor, step_size: float, stratified: bool, sigma_fn=None, generator=None
@@ -87,13 +124,13 @@ class TorchOccupancyGrid:
         """
         t_near, t_far = ray_box_intersection(origins, directions, self.radius)
         n_steps = math.ceil(2.0 * math.sqrt(3.0) * self.radius / step_size)
-        offset = torch.rand(origins.shape[0], 1, generator=generator).to(origins.device) if stratified else 0.0
-        t_starts = t_near[:, None] + (torch.arange(n_steps, device=origins.device)[None] + offset) * step_size
-        t_ends = t_starts + step_size
-        midpoints = origins[:, None] + directions[:, None] * (0.5 * (t_starts + t_ends))[..., None]
-        keep = (t_ends <= t_far[:, None]) & self.occupied(midpoints)
-        ray_indices, sample_indices = keep.nonzero(as_tuple=True)  # row-major: sorted by ray, then t
-        t_starts, t_ends = t_starts[ray_indices, sample_indices], t_ends[ray_indices, sample_indices]
+        if stratified:
+            offsets = torch.rand(origins.shape[0], generator=generator).to(origins.device)
+        else:
+            offsets = torch.zeros(origins.shape[0], device=origins.device)
+        args = (origins, directions, t_near, t_far, offsets, step_size, n_steps, self.binary, self.radius)
+        fused = occupancy_cpu.march_occupied(*args) if origins.device.type == "cpu" and self.use_fused_cpu else None
+        ray_indices, t_starts, t_ends = fused if fused is not None else march_occupied(*args)
         if sigma_fn is None or ray_indices.numel() == 0:
             return ray_indices, t_starts, t_ends
         with torch.no_grad():
