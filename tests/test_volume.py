@@ -33,6 +33,24 @@ def test_exclusive_sum_per_ray():
     assert torch.equal(exclusive_sum_per_ray(values, rays, 3), torch.tensor([0.0, 1.0, 0.0, 3.0, 7.0]))
 
 
+def test_exclusive_sum_per_ray_keeps_small_sums_exact_in_large_batches():
+    """A float32 running total over 20k rays would round each ray's sum by several units."""
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.randint(5, 40, (20000,), generator=generator)
+    rays = torch.repeat_interleave(torch.arange(20000), counts)
+    values = torch.rand(rays.numel(), generator=generator) * 100.0
+    got = exclusive_sum_per_ray(values, rays, 20000)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(rays.numel()) - starts[rays]
+    last = rays[-1].item()
+    # the last ray's sums, written out from its own values only
+    own = values[starts[last] :]
+    expected = torch.cat([torch.zeros(1), torch.cumsum(own.double(), 0)[:-1]]).float()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[starts[last] :], expected, rtol=0, atol=1e-3)
+    assert (got[position == 0] == 0).all()
+
+
 def test_ray_box_intersection():
     origins = torch.tensor([[2.0, 0.0, 0.0], [2.0, 5.0, 0.0]])
     directions = torch.tensor([[-1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
@@ -46,6 +64,22 @@ def _rays(n=64, seed=0):
     origins = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1) * 2.0
     target = (torch.rand(n, 3, generator=g) - 0.5) * 0.6
     return origins, torch.nn.functional.normalize(target - origins, dim=-1)
+
+
+def test_one_pass_render_without_gradients_matches_the_two_pass_render():
+    """Without gradients the field is read once per occupied step and the same early stop applies."""
+    torch.manual_seed(0)
+    field = RadianceField(FieldConfig(n_levels=4, log2_hashmap_size=12, hidden_dim=16))
+    cfg = RenderConfig(n_samples_per_ray=128, occupancy_resolution=16)
+    grid = TorchOccupancyGrid(field.radius, 16, "cpu")
+    origins, directions = _rays(256)
+    two_pass = render_rays(field, grid, origins, directions, cfg, torch.ones(3), surface_opacity=0.5)
+    with torch.no_grad():
+        one_pass = render_rays(field, grid, origins, directions, cfg, torch.ones(3), surface_opacity=0.5)
+    assert two_pass.n_samples == one_pass.n_samples > 0
+    assert two_pass.rgb.requires_grad and not one_pass.rgb.requires_grad
+    for name in ("rgb", "opacity", "depth", "surface_distance"):
+        torch.testing.assert_close(getattr(one_pass, name), getattr(two_pass, name).detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_render_matches_closed_form_opacity():

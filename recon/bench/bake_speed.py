@@ -1,6 +1,6 @@
 """How long texturing takes: xatlas unwrap, then baking a 1024x1024 texture.
 
-    python -m recon.bench.bake_speed                 # ~50k faces, 1024 texels, writes results/bake_speed.json
+    python -m recon.bench.bake_speed                 # ~50k faces, 1024 texels, writes bake_speed.json (recon/bench/results in a checkout)
     python -m recon.bench.bake_speed --size 2048     # other texture sizes / mesh resolutions
 
 The mesh is marching cubes of a bumpy blob (an SDF, so nothing binary is
@@ -14,20 +14,15 @@ field's own cost. Each bake stage is timed on its own, then the whole
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from recon.bench.results import default_path, machine
 from recon.io_utils import write_json_atomic
 from recon.mesh.data import MeshData
 from recon.mesh.texture import bake_texture, fill_seams, query_albedo, texel_points, unwrap
-
-RESULTS = Path(__file__).resolve().parent / "results" / "bake_speed.json"
 
 
 def bumpy_blob(grid: int) -> MeshData:
@@ -58,7 +53,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=1024, help="texture size in texels")
     parser.add_argument("--padding", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="bake runs; the fastest is reported")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", default=None, help="results file (default: recon/bench/results/bake_speed.json in a checkout, else ./bake_speed.json)")
     parser.add_argument("--field-config", default="cpu", help="preset whose field the product bake queries (cost per query)")
     args = parser.parse_args(argv)
 
@@ -102,17 +97,7 @@ def main(argv=None) -> dict:
 
     result = {
         "benchmark": "bake_speed",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            # other work on the machine slows every timing; this says how busy it was
-            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        },
+        "machine": machine(),
         "mesh": {"vertices": len(mesh.vertices), "faces": len(mesh.faces), "uv_vertices": len(unwrapped.uvs)},
         "texture_size": args.size,
         "padding": args.padding,
@@ -123,8 +108,9 @@ def main(argv=None) -> dict:
         "field_config": args.field_config,
         "target": "bake under 15 s on a 2-core CPU (unwrap not counted): bake_with_field_s is the product's bake",
     }
-    write_json_atomic(args.output, result)
-    print(f"wrote {args.output}")
+    output = default_path("bake_speed.json", args.output)
+    write_json_atomic(output, result)
+    print(f"wrote {output}")
     return result
 
 

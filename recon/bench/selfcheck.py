@@ -1,44 +1,49 @@
-"""The self-check over every procedural object: `python -m recon.bench.selfcheck [--config cpu] [key=value ...]`.
+"""The self-check over every procedural object: `python -m recon.bench.selfcheck [--config cpu] [--profile] [key=value ...]`.
 
 Fits each object through the reference prior (no diffusion weights needed),
 exports it, scores it, prints a table and writes the figures with a description
-of the machine to ``recon/bench/results/selfcheck_<preset>.json``.
+of the machine to ``selfcheck_<preset>.json`` (``recon/bench/results/`` in a
+checkout; ``--results`` elsewhere). ``--profile`` adds, per object, the
+functions that took the most time (cProfile, own time) to that file.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import cProfile
+import pstats
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
+from typing import List
 
 from recon.bench.metrics import normalize_to_unit_cube
 from recon.bench.procedural import OBJECTS
+from recon.bench.results import default_path, machine
 from recon.config import load_config, to_dict
 from recon.io_utils import write_json_atomic
 from recon.pipeline import choose_device, reconstruct_reference
 
-RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ("chamfer", "volume_iou", "fscore", "field_psnr", "psnr", "ssim", "faces", "seconds")
+PROFILE_TOP = 15
 
 
-def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+def profile_summary(profile: cProfile.Profile, top: int = PROFILE_TOP) -> List[dict]:
+    """The ``top`` functions by own time (excluding callees): where the seconds actually go."""
+    rows = []
+    for (file, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profile).stats.items():
+        rows.append({"function": f"{Path(file).name}:{line}({name})", "calls": calls, "own_seconds": round(own, 3), "cumulative_seconds": round(cumulative, 3)})
+    return sorted(rows, key=lambda row: -row["own_seconds"])[:top]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="cpu")
     parser.add_argument("--objects", nargs="*", default=list(OBJECTS))
-    parser.add_argument("--results", default=None, help="output JSON (default recon/bench/results/selfcheck_<config>.json)")
+    parser.add_argument("--results", default=None, help="output JSON (default: recon/bench/results/selfcheck_<config>.json in a checkout, else ./selfcheck_<config>.json)")
+    parser.add_argument("--profile", action="store_true", help="also record where each object's time went (cProfile; adds a little overhead)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -48,8 +53,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.objects:
             gt = normalize_to_unit_cube(OBJECTS[name]())[0]
+            profile = cProfile.Profile() if args.profile else None
+            if profile:
+                profile.enable()
             metrics = reconstruct_reference(gt, cfg, Path(scratch) / name, device=device, quiet=True)
             rows[name] = {key: metrics[key] for key in COLUMNS} | {"stage_seconds": metrics["stage_seconds"]}
+            if profile:
+                profile.disable()
+                rows[name]["profile_top_own_time"] = profile_summary(profile)
             print(f"{name:8s} " + " ".join(f"{key}={metrics[key]:.4g}" for key in COLUMNS), flush=True)
     result = {
         "config": args.config,
@@ -57,10 +68,11 @@ def main(argv=None) -> int:
         "device": str(device),
         "machine": machine(),
         "total_seconds": round(time.monotonic() - started, 1),
+        "median_seconds_per_object": statistics.median(row["seconds"] for row in rows.values()),
         "objects": rows,
         "resolved_config": to_dict(cfg),
     }
-    out = Path(args.results) if args.results else RESULTS / f"selfcheck_{Path(args.config).stem}.json"
+    out = default_path(f"selfcheck_{Path(args.config).stem}.json", args.results)
     write_json_atomic(out, result)
     print(f"wrote {out}")
     return 0

@@ -1,6 +1,6 @@
 """How long one Zero123 SDS step takes at each resolution stage of a preset.
 
-    python -m recon.bench.zero123_speed            # CUDA GPU: full-size model, writes results/zero123_speed.json
+    python -m recon.bench.zero123_speed            # CUDA GPU: full-size model, writes zero123_speed.json (recon/bench/results in a checkout)
     python -m recon.bench.zero123_speed --tiny     # any machine: a tiny model, a smoke test of this script
 
 The model is randomly initialised with Zero123-XL's shapes (Stable Diffusion 1.x
@@ -15,23 +15,19 @@ not included. Batch sizes, resolutions and stage lengths come from the preset.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Dict, List
 
 import torch
 
+from recon.bench.results import default_path, machine
 from recon.camera import Cameras
 from recon.config import Config, load_config
 from recon.io_utils import write_json_atomic
 from recon.prepare import ReferenceView
 from recon.prior.zero123 import Zero123Prior
 from recon.prior.zero123_loading import Zero123Components
-
-RESULTS = Path(__file__).resolve().parent / "results" / "zero123_speed.json"
 
 # Zero123-XL: the SD 1.x UNet (diffusers' defaults) with the input latent concatenated.
 FULL = {
@@ -143,24 +139,6 @@ def time_stage(prior: Zero123Prior, batch: int, resolution: int, steps: int, war
     }
 
 
-def machine_info(device: torch.device) -> dict:
-    import diffusers
-    import transformers
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "platform": platform.platform(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
-    return info
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="zero123", help="config preset whose stages are timed")
@@ -168,7 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per stage (allocator, cuDNN autotune)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on any device: checks this script runs")
     parser.add_argument("--fp32", action="store_true", help="keep the UNet in float32 on CUDA")
-    parser.add_argument("--output", type=Path, default=None, help=f"results file (default on CUDA: {RESULTS})")
+    parser.add_argument("--output", default=None, help="results file (default on CUDA: recon/bench/results/zero123_speed.json in a checkout, else ./zero123_speed.json)")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -205,13 +183,15 @@ def main(argv=None) -> int:
     if peaks:
         print(f"peak GPU memory: {max(peaks):.2f} GiB")
 
-    output = args.output or (RESULTS if (cuda and not args.tiny) else None)
+    import diffusers
+    import transformers
+
+    output = default_path("zero123_speed.json", args.output) if (args.output or (cuda and not args.tiny)) else None
     if output is not None:
         write_json_atomic(
             output,
             {
                 "benchmark": "zero123_speed",
-                "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": "tiny" if args.tiny else "Zero123-XL shapes, random init",
                 "preset": args.preset,
                 "unet_dtype": str(prior.dtype).replace("torch.", ""),
@@ -220,7 +200,7 @@ def main(argv=None) -> int:
                 "stages": stages,
                 "estimated_sds_seconds": total,
                 "peak_memory_gib": max(peaks) if peaks else None,
-                "machine": machine_info(device),
+                "machine": {**machine(), "device": str(device), "diffusers": diffusers.__version__, "transformers": transformers.__version__},
             },
         )
         print(f"wrote {output}")

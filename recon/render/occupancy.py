@@ -22,12 +22,28 @@ EARLY_STOP_EPS = 1e-4  # nerfacc's default: a ray this opaque has finished
 
 
 def exclusive_sum_per_ray(values: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
-    """Sum of the earlier samples' values on the same ray, for packed samples sorted by ray."""
-    total = torch.cumsum(values, 0)
+    """Sum of the earlier samples' values on the same ray, for packed samples [S] sorted by ray.
+
+    One cumulative sum over the whole batch minus its value at each ray's first
+    sample. In float64: in float32 the running total of a large batch loses the
+    small per-ray sums to rounding (an error of several units of optical depth
+    after 16k rays).
+    """
+    total = torch.cumsum(values.double(), 0)
     counts = torch.bincount(ray_indices, minlength=n_rays)
     before_ray = torch.cumsum(counts, 0) - counts  # index of each ray's first sample
     start = (total - values)[before_ray.clamp(max=max(values.numel() - 1, 0))]
-    return total - values - start[ray_indices]
+    return (total - values - start[ray_indices]).to(values.dtype)
+
+
+def before_opaque(densities: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """Which packed samples [S] a ray reaches while its transmittance is above ``EARLY_STOP_EPS`` (nerfacc's early stop).
+
+    Transmittance before sample i is ``exp(-sum_{j < i on its ray} sigma_j (t_end_j - t_start_j))``.
+    """
+    # Past an optical depth of 30 (transmittance 1e-13) more makes no difference; the cap keeps the sums small.
+    optical_depth = (densities * (t_ends - t_starts)).clamp(max=30.0)
+    return torch.exp(-exclusive_sum_per_ray(optical_depth, ray_indices, n_rays)) > EARLY_STOP_EPS
 
 
 def ray_box_intersection(origins: torch.Tensor, directions: torch.Tensor, radius: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +150,7 @@ class TorchOccupancyGrid:
         if sigma_fn is None or ray_indices.numel() == 0:
             return ray_indices, t_starts, t_ends
         with torch.no_grad():
-            optical_depth = sigma_fn(t_starts, t_ends, ray_indices) * (t_ends - t_starts)
-            transmittance = torch.exp(-exclusive_sum_per_ray(optical_depth, ray_indices, origins.shape[0]))
-        alive = transmittance > EARLY_STOP_EPS
+            alive = before_opaque(sigma_fn(t_starts, t_ends, ray_indices), t_starts, t_ends, ray_indices, origins.shape[0])
         return ray_indices[alive], t_starts[alive], t_ends[alive]
 
     def state_dict(self) -> dict:

@@ -18,6 +18,7 @@ import torch
 
 from recon.camera import Cameras, generate_rays
 from recon.config import RenderConfig
+from recon.render.occupancy import before_opaque
 
 
 def step_size(radius: float, cfg: RenderConfig) -> float:
@@ -108,16 +109,27 @@ def render_rays(
     n_rays = origins.shape[0]
     step = step_size(field.radius, cfg)
 
-    def sigma_fn(t_starts, t_ends, ray_indices):
-        points = origins[ray_indices] + directions[ray_indices] * (0.5 * (t_starts + t_ends))[:, None]
-        return field.density(points)
+    def midpoints_of(t_starts, t_ends, ray_indices):
+        return origins[ray_indices] + directions[ray_indices] * (0.5 * (t_starts + t_ends))[:, None]
 
-    ray_indices, t_starts, t_ends = occupancy.sample(origins, directions, step, stratified, sigma_fn=sigma_fn, generator=generator)
-    midpoints = origins[ray_indices] + directions[ray_indices] * (0.5 * (t_starts + t_ends))[:, None]
-    if normals:
-        density, albedo, normal = field.density_and_normal(midpoints, create_graph=torch.is_grad_enabled())
+    if torch.is_grad_enabled() or normals:
+        # Two passes: densities without gradients decide where rays stop, so that
+        # the costly pass with gradients only sees samples that contribute.
+        def sigma_fn(t_starts, t_ends, ray_indices):
+            return field.density(midpoints_of(t_starts, t_ends, ray_indices))
+
+        ray_indices, t_starts, t_ends = occupancy.sample(origins, directions, step, stratified, sigma_fn=sigma_fn, generator=generator)
+        midpoints = midpoints_of(t_starts, t_ends, ray_indices)
+        if normals:
+            density, albedo, normal = field.density_and_normal(midpoints, create_graph=torch.is_grad_enabled())
+        else:
+            density, albedo = field(midpoints)
     else:
-        density, albedo = field(midpoints)
+        # Without gradients one pass does: the field at every occupied step, then the same early stop.
+        ray_indices, t_starts, t_ends = occupancy.sample(origins, directions, step, stratified, generator=generator)
+        density, albedo = field(midpoints_of(t_starts, t_ends, ray_indices))
+        alive = before_opaque(density, t_starts, t_ends, ray_indices, n_rays)
+        ray_indices, t_starts, t_ends, density, albedo = ray_indices[alive], t_starts[alive], t_ends[alive], density[alive], albedo[alive]
     values = {"rgb": albedo, "depth": (0.5 * (t_starts + t_ends))[:, None]}
     if normals:
         values["normal"] = normal
