@@ -16,6 +16,11 @@ from typing import List, Optional
 
 from recon.config import Config, apply_overrides, load_config
 from recon.errors import BadInput, ReconError
+from recon.io_utils import write_json_atomic
+from recon.mesh.data import normalize_to_unit_cube
+from recon.mesh.io import load_mesh
+from recon.prepare import validate_image
+from recon.run_record import RunRecord, new_record
 
 EXAMPLES = """examples:
   python launch.py --image chair.png
@@ -25,6 +30,7 @@ EXAMPLES = """examples:
   python launch.py --export-only outputs/chair-20261125-101500 texture.size=2048 extract.resolution=384
   python launch.py --resume outputs/chair-20261125-101500
   python launch.py --benchmark gso --data-root GSO/ --objects list.txt --prior reference --config cpu
+  python launch.py --score other_tool.glb --truth gso/mug/meshes/model.obj --protocol syncdreamer --output scores.json
 """
 
 
@@ -41,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--export-only", metavar="RUN_DIR", help="re-export a finished run from its checkpoint with new export settings, e.g. --export-only outputs/chair-20261125-101500 texture.size=2048")
     job.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint, e.g. --resume outputs/chair-20261125-101500")
     job.add_argument("--benchmark", choices=["gso"], help="run a benchmark over a dataset, e.g. --benchmark gso --data-root GSO/")
+    job.add_argument("--score", metavar="PRED_MESH", help="score a mesh against --truth (both in the truth's frame), e.g. --score other_tool.glb --truth gt.obj")
     p.add_argument("--config", metavar="PRESET", help="preset name (zero123, cpu, stable-zero123) or a YAML path; default zero123, e.g. --config cpu")
-    p.add_argument("--output", metavar="DIR", help="the run directory itself (must not exist yet); default outputs/<image-stem>-<time>/")
+    p.add_argument("--output", metavar="DIR", help="the run directory itself (must not exist yet); default outputs/<image-stem>-<time>/; for --score, the JSON file to write")
     p.add_argument("--prior", metavar="ID_OR_PATH", help="Zero123 weights: hub id, diffusers folder or .ckpt file ('reference' for benchmarks), e.g. --prior ./zero123-xl")
     gate = p.add_mutually_exclusive_group()
     gate.add_argument("--safety-checker", metavar="ID_OR_PATH", help="safety checker weights: hub id or local folder, e.g. --safety-checker ./safety-checker")
@@ -53,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, metavar="N", help="optimisation steps (fit.steps), e.g. --steps 1000")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to run (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="only errors and the final line")
+    p.add_argument("--truth", metavar="GT_MESH", help="--score: the true mesh; it is normalised to the unit cube as the protocol says")
+    p.add_argument("--protocol", choices=["recon", "syncdreamer"], help="--score and benchmarks: how meshes are scored (eval.protocol; default recon)")
     p.add_argument("--data-root", metavar="DIR", help="benchmark dataset root (one folder or .zip per object)")
     p.add_argument("--objects", metavar="LIST", help="benchmark: file with one object name per line")
     p.add_argument("--ray", action="store_true", help="benchmark: one object per Ray task on a local Ray cluster")
@@ -83,6 +92,8 @@ def flag_overrides(args) -> List[str]:
         out.append(f"fit.steps={args.steps}")
     if args.device is not None:
         out.append(f"device={args.device}")
+    if args.protocol is not None:
+        out.append(f"eval.protocol={args.protocol}")
     return out
 
 
@@ -100,6 +111,25 @@ def new_run_dir(output: Optional[str], stem: str) -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
+
+
+def score_command(args, cfg) -> int:
+    """``--score PRED --truth GT``: the protocol's scores of one mesh against another, printed and written."""
+    import json
+
+    from recon.eval.score import score_meshes
+
+    if not args.truth:
+        raise BadInput("--score needs --truth GT_MESH (the mesh to score against)")
+    pred = load_mesh(args.score)
+    truth = normalize_to_unit_cube(load_mesh(args.truth))[0]
+    scores = {"prediction": str(args.score), "truth": str(args.truth), "protocol": cfg.eval.protocol}
+    scores.update(score_meshes(pred, truth, cfg.eval, cfg.eval.protocol, seed=cfg.seed))
+    text = json.dumps(scores, indent=2)
+    if args.output:
+        write_json_atomic(Path(args.output), scores)
+    print(text)
+    return 0
 
 
 def make_logger(quiet: bool):
@@ -121,39 +151,48 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if args.export_only or args.resume:
             run_dir = Path(args.export_only or args.resume)
-            pipeline.require_run_dir(run_dir)
+            if not (run_dir / pipeline.CHECKPOINT_NAME).is_file():
+                raise BadInput(f"{run_dir} is not a recon run with a checkpoint (no {pipeline.CHECKPOINT_NAME} there)")
             overrides = list(args.overrides) + flag_overrides(args)
             if args.export_only:
                 paths = pipeline.export_only(run_dir, overrides, log=log, quiet=args.quiet)
                 print(f"exported: {', '.join(str(p) for p in paths.values())}")
                 return 0
-            record = pipeline.open_record(run_dir)
+            record = RunRecord.load(run_dir)
             result = pipeline.resume(run_dir, overrides, record, log=log, quiet=args.quiet)
-            print(f"done: {result}")
+            print(f"done: {result.paths.get('glb', run_dir)}")
             return 0
 
-        cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
+        # The self-check's prior is the reference prior unless the command names another.
+        defaults = ["prior.kind=reference"] if args.reference_mesh else []
+        cfg = load_config(args.config, defaults + list(args.overrides) + flag_overrides(args))
         if args.benchmark:
             from recon.bench.runner import run_benchmark_cli
 
             return run_benchmark_cli(args, cfg, log)
+        if args.score:
+            return score_command(args, cfg)
         if args.reference_mesh:
             mesh_path = Path(args.reference_mesh)
-            gt_mesh = pipeline.load_reference_mesh(mesh_path)  # validates before anything is written
+            truth = normalize_to_unit_cube(load_mesh(mesh_path))[0]  # validates before anything is written
             run_dir = new_run_dir(args.output, mesh_path.stem)
-            record = pipeline.create_record(run_dir, cfg, mode="reference-mesh", input=str(mesh_path))
-            result = pipeline.self_check(gt_mesh, cfg, run_dir, record, log=log, quiet=args.quiet)
-            print(f"done: {run_dir} " + " ".join(f"{k}={result[k]:.4g}" for k in ("chamfer", "volume_iou", "field_psnr") if k in result))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record = new_record(run_dir, cfg, mode="reference-mesh", input=str(mesh_path))
+            result = pipeline.self_check(truth, cfg, run_dir, record, log=log, quiet=args.quiet)
+            print(f"done: {run_dir} " + " ".join(f"{k}={result.metrics[k]:.4g}" for k in ("chamfer", "volume_iou", "field_psnr", "psnr")))
             return 0
 
         image_path = Path(args.image)
-        pipeline.validate_inputs(image_path, args.mask, cfg)  # fast checks before any model loads
+        validate_image(image_path)  # fast checks before any model loads
+        if args.mask is not None:
+            validate_image(args.mask)
         run_dir = new_run_dir(args.output, image_path.stem)
-        record = pipeline.create_record(run_dir, cfg, mode="image", input=str(image_path), mask=args.mask)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = new_record(run_dir, cfg, mode="image", input=str(image_path), mask=args.mask)
         if not cfg.gate.enabled:
             print("warning: the safety checker is disabled (--no-safety-check); this is recorded in run.json", file=sys.stderr)
-        paths = pipeline.reconstruct_image(image_path, cfg, run_dir, record, mask_path=args.mask, log=log, quiet=args.quiet)
-        print(f"done: {paths.get('glb', run_dir)}")
+        result = pipeline.reconstruct(image_path, cfg, run_dir, record, mask_path=args.mask, log=log, quiet=args.quiet)
+        print(f"done: {result.paths.get('glb', run_dir)}")
         return 0
     except ReconError as error:
         status = {3: "refused"}.get(error.exit_code, "failed")

@@ -160,8 +160,9 @@ class PrepareConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation views and metrics (SyncDreamer protocol, see DESIGN.md)."""
+    """How scored runs are photographed and scored (docs/design.md, "Evaluation")."""
 
+    protocol: str = "recon"  # "recon" (our bounds) or "syncdreamer" (SyncDreamer's eval_mesh.py), see recon/eval/score.py
     n_views: int = 16
     elevation: float = 30.0
     distance: float = 1.5

@@ -35,10 +35,11 @@ class FitState:
     generator: torch.Generator  # cameras, stratification, ray subsets (CPU generator: reproducible on any device)
     step: int = 0
     history: List[Dict[str, float]] = field(default_factory=list)
+    prior_state: Optional[dict] = None  # a checkpoint's prior random state, handed to the prior by run_fit
 
 
 def reference_camera(cfg: Config, device=None) -> Cameras:
-    """The input view: azimuth 0 at the configured elevation (DESIGN.md)."""
+    """The input view: azimuth 0 at the configured elevation (docs/design.md, "Cameras")."""
     return Cameras.make(cfg.camera.reference_elevation, 0.0, cfg.camera.distance, cfg.camera.fovy, device=device)
 
 
@@ -57,7 +58,8 @@ def new_fit_state(cfg: Config, device) -> FitState:
     return FitState(field_, occupancy, optimizer, torch.Generator().manual_seed(cfg.seed))
 
 
-def save_checkpoint(state: FitState, cfg: Config, path: Path) -> None:
+def save_checkpoint(state: FitState, cfg: Config, path: Path, prior=None) -> None:
+    """Everything an exact resume needs: field, grid, optimiser, every random generator (the prior's too), step."""
     payload = {
         "step": state.step,
         "field": state.field.state_dict(),
@@ -65,6 +67,8 @@ def save_checkpoint(state: FitState, cfg: Config, path: Path) -> None:
         "optimizer": state.optimizer.state_dict(),
         "generator": state.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "prior": prior.state_dict() if prior is not None else state.prior_state,
         "config": to_dict(cfg),
         "history": state.history,
     }
@@ -86,8 +90,11 @@ def restore_fit_state(payload: dict, device) -> tuple:
     state.optimizer.load_state_dict(payload["optimizer"])
     state.generator.set_state(payload["generator"])
     torch.set_rng_state(payload["torch_rng"])
+    if payload.get("cuda_rng") is not None and torch.cuda.is_available() and len(payload["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(payload["cuda_rng"])
     state.step = int(payload["step"])
     state.history = list(payload.get("history", []))
+    state.prior_state = payload.get("prior")
     return state, cfg
 
 
@@ -186,8 +193,16 @@ def run_fit(
     checkpoint_path: Optional[Path] = None,
     quiet: bool = False,
 ) -> Dict[str, float]:
-    """Optimise from ``state.step`` to ``cfg.fit.steps``. Ctrl-C saves a checkpoint, then re-raises."""
+    """Optimise from ``state.step`` to ``cfg.fit.steps``. Ctrl-C saves a checkpoint, then re-raises.
+
+    A state restored from a checkpoint carries the prior's random state, which
+    is given to ``prior`` here: a resumed fit draws the same noise and
+    timesteps as an uninterrupted one.
+    """
     device = next(state.field.parameters()).device
+    if state.prior_state is not None:
+        prior.load_state_dict(state.prior_state)
+        state.prior_state = None
     target = _ReferenceTarget(reference, cfg, device)
     progress = Progress(cfg.fit.steps, "fit", initial=state.step, quiet=quiet)
     started = time.monotonic()
@@ -199,14 +214,14 @@ def run_fit(
                 state.history.append({"step": state.step, **stats})
             progress.update(1, loss=stats["loss"])
             if checkpoint_path and cfg.fit.checkpoint_every and state.step % cfg.fit.checkpoint_every == 0:
-                save_checkpoint(state, cfg, checkpoint_path)
+                save_checkpoint(state, cfg, checkpoint_path, prior)
     except KeyboardInterrupt:
         if checkpoint_path:
-            save_checkpoint(state, cfg, checkpoint_path)
+            save_checkpoint(state, cfg, checkpoint_path, prior)
         raise
     finally:
         progress.close()
     if checkpoint_path:
-        save_checkpoint(state, cfg, checkpoint_path)
+        save_checkpoint(state, cfg, checkpoint_path, prior)
     stats["seconds"] = time.monotonic() - started
     return stats

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -29,6 +29,8 @@ from recon.errors import MissingWeights, Refused
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-safety-checker"
+
+REFUSAL = "the safety checker flagged this image; nothing was processed (see the Zero123 model card's use restrictions)"
 
 # When a "special care" concept is close, diffusers' checker lowers every
 # concept threshold by this much (makes the main test stricter).
@@ -44,6 +46,14 @@ class SafetyVerdict:
     special_scores: List[float]  # cos_sim - threshold * scale, per special-care concept
     threshold_scale: float
     model: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def raise_if_flagged(self) -> None:
+        """Raise :class:`~recon.errors.Refused` (exit code 3) when the image was flagged."""
+        if self.flagged:
+            raise Refused(REFUSAL)
 
 
 class SafetyGate:
@@ -90,13 +100,6 @@ class SafetyGate:
             threshold_scale=self.threshold_scale,
             model=self.model,
         )
-
-    def check_or_refuse(self, image: Image.Image) -> SafetyVerdict:
-        """:meth:`check`, raising :class:`~recon.errors.Refused` when the image is flagged."""
-        verdict = self.check(image)
-        if verdict.flagged:
-            raise Refused(f"the safety checker ({self.model}) flagged the input image; recon will not process it")
-        return verdict
 
 
 def verdict_margins(
@@ -165,6 +168,15 @@ def load_safety_gate(model: str, device, threshold_scale: float = 1.0, max_side:
     checker = checker.to(device=torch.device(device), dtype=torch.float32).eval()
     log.info("safety checker loaded from %s (threshold scale %.3g)", _describe(model, local), threshold_scale)
     return SafetyGate(checker, processor, model, device, threshold_scale=threshold_scale, max_side=max_side)
+
+
+def gate_image(image: Image.Image, cfg, device) -> SafetyVerdict:
+    """Load the checker named by ``cfg`` (a GateConfig), judge ``image``, free the checker: the verdict."""
+    gate = load_safety_gate(cfg.model, device, threshold_scale=cfg.threshold_scale, max_side=cfg.max_side)
+    try:
+        return gate.check(image)
+    finally:
+        del gate
 
 
 def _from_pretrained(cls, source, is_local: bool, **kwargs):
@@ -254,4 +266,4 @@ def _first_line(error: Exception) -> str:
     return lines[0].rstrip(".") if lines else type(error).__name__
 
 
-__all__ = ["SafetyGate", "SafetyVerdict", "load_safety_gate", "verdict_margins", "DEFAULT_MODEL"]
+__all__ = ["SafetyGate", "SafetyVerdict", "gate_image", "load_safety_gate", "verdict_margins", "DEFAULT_MODEL", "REFUSAL"]

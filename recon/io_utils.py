@@ -40,3 +40,14 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
 
 def write_json_atomic(path: PathLike, value) -> None:
     write_bytes_atomic(path, (json.dumps(value, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8"))
+
+
+def save_rgba_png(path: PathLike, rgba) -> None:
+    """Write an RGBA image [H, W, 4] in [0, 1] (tensor or array) as an 8-bit PNG, atomically."""
+    import numpy as np
+    from PIL import Image
+
+    values = rgba.detach().cpu().numpy() if hasattr(rgba, "detach") else np.asarray(rgba)
+    pixels = (np.clip(values, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    with atomic_path(path) as temporary:
+        Image.fromarray(pixels, "RGBA").save(temporary, format="PNG")

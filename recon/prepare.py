@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from recon.errors import BadInput
+from recon.frames import Recentring
 from recon.io_utils import atomic_path
 
 
@@ -36,6 +37,8 @@ class ReferenceView:
     """The input view as straight-alpha RGBA, square, object centred."""
 
     rgba: torch.Tensor  # [S, S, 4] float32 in [0, 1]
+    # How the photo's pixels were moved to make it (None when it was not cut from a photo).
+    recentring: Optional[Recentring] = None
 
     def at(self, resolution: int, background=(1.0, 1.0, 1.0)):
         """(rgb over ``background`` [r, r, 3], alpha [r, r, 1]) resized with area averaging."""
@@ -240,7 +243,10 @@ def _grabcut_mask(rgba: Image.Image, work_side: int = 512, iterations: int = 5) 
 # --------------------------------------------------------------------------- reference view
 
 def prepare_reference(image: Image.Image, mask: np.ndarray, border_ratio: float = 0.2, size: int = 256) -> ReferenceView:
-    """Cut the object out, centre it in a square and resize: its longest side becomes ``(1 - border_ratio) * size``."""
+    """Cut the object out, centre it in a square and resize: its longest side becomes ``(1 - border_ratio) * size``.
+
+    The view's ``recentring`` is the 2-D similarity this applied to the photo's pixel coordinates.
+    """
     if not 0.0 <= border_ratio < 1.0:
         raise ValueError(f"border_ratio must be in [0, 1), got {border_ratio}")
     rgba = _to_rgba(image)
@@ -281,7 +287,8 @@ def prepare_reference(image: Image.Image, mask: np.ndarray, border_ratio: float 
         reducing_gap=3.0,
     )
     values = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0)
-    return ReferenceView(rgba=values)
+    scale = size / side
+    return ReferenceView(rgba=values, recentring=Recentring(scale, -box[0] * scale, -box[1] * scale, size))
 
 
 def save_reference(view: ReferenceView, path) -> None:

@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from recon.config import to_dict as cfg_to_dict
 from recon.io_utils import write_json_atomic
 
 KEY_PACKAGES = ("recon", "torch", "diffusers", "transformers", "nerfacc", "tinycudann", "trimesh", "PyMCubes", "xatlas", "omegaconf", "numpy")
@@ -64,3 +65,18 @@ class RunRecord:
 
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
+
+
+def new_record(run_dir: Path, cfg, mode: str, **fields: Any) -> RunRecord:
+    """The record of a new run in ``run_dir`` (which must exist), saved as ``running``."""
+    record = RunRecord(
+        run_dir,
+        mode=mode,
+        config=cfg_to_dict(cfg),
+        seed=cfg.seed,
+        device=cfg.device,
+        weights={"prior": cfg.prior.model if cfg.prior.kind == "zero123" else "reference", "safety_checker": cfg.gate.model if cfg.gate.enabled else None},
+        **fields,
+    )
+    record.save()
+    return record

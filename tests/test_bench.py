@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from recon.bench import gso, metrics, report, runner
-from recon.camera import project
+from recon.bench import gso, report, runner
+from recon.eval import metrics
+from recon.eval.score import geometry_scores
+from recon.camera import Cameras, project
 from recon.config import Config, EvalConfig
 from recon.errors import BadInput
 
@@ -201,36 +203,45 @@ def _pixel_of(point, camera, size):
     return y, x
 
 
-def test_input_view_follows_the_protocol(dataset):
+def test_photo_follows_the_protocol(dataset):
+    from recon.eval.truth import photo_camera, render_photo
+
     mesh = gso.load_gso_object(dataset / "box")  # normalised: 1 x 2/3 x 1/2, faces at x = +-0.5, z = +-0.25
-    cfg = EvalConfig(resolution=96)
-    rgba = gso.render_input_view(mesh, cfg, elevation=30.0)
+    cfg = Config()
+    cfg.eval.resolution, cfg.camera.reference_elevation = 96, 30.0
+    photo = photo_camera(cfg)
+    assert (photo.distance, photo.fovy, photo.elevation, photo.width) == (1.5, pytest.approx(49.1), 30.0, 96)
+    rgba = render_photo(mesh, photo)
     assert rgba.shape == (96, 96, 4) and rgba.min() >= 0 and rgba.max() <= 1
-    camera = gso.input_camera(cfg, 30.0)
-    assert camera.distance.item() == 1.5 and camera.fovy.item() == pytest.approx(49.1)
+    camera = Cameras.make(30.0, 0.0, 1.5, 49.1)
     colours = (rgba[..., :3] * 255).round().numpy()
     # Azimuth 0 looks from +x, elevation 30 from above: the +x face and the top (+z) face show, unlit.
     np.testing.assert_allclose(colours[_pixel_of([0.5, 0.0, 0.0], camera, 96)], FACE_COLOURS[0], atol=2)
     np.testing.assert_allclose(colours[_pixel_of([0.0, 0.0, 0.25], camera, 96)], FACE_COLOURS[4], atol=2)
     assert rgba[0, 0, 3] == 0 and rgba[_pixel_of([0.5, 0.0, 0.0], camera, 96)][3] == 1
     # Elevation is honoured: from below, the bottom face shows instead of the top.
-    below = gso.render_input_view(mesh, cfg, elevation=-30.0)
-    camera_below = gso.input_camera(cfg, -30.0)
+    cfg.camera.reference_elevation = -30.0
+    below = render_photo(mesh, photo_camera(cfg))
+    camera_below = Cameras.make(-30.0, 0.0, 1.5, 49.1)
     np.testing.assert_allclose((below[..., :3] * 255).round().numpy()[_pixel_of([0.0, 0.0, -0.25], camera_below, 96)], FACE_COLOURS[5], atol=2)
 
 
 def test_ground_truth_views_orbit_at_elevation_30(dataset):
+    from recon.eval.truth import eval_cameras, photo_camera, render_photo, truth_views
+
     mesh = gso.load_gso_object(dataset / "box")
-    cfg = EvalConfig(resolution=64, n_views=4)
-    views = gso.render_gt_views(mesh, cfg)
+    cfg = Config()
+    cfg.eval = EvalConfig(resolution=64, n_views=4)
+    cfg.camera.reference_elevation = 30.0
+    views = truth_views(mesh, cfg.eval)
     assert views.shape == (4, 64, 64, 3)
-    cameras = gso.eval_cameras(cfg)
+    cameras = eval_cameras(cfg.eval)
     assert torch.allclose(cameras.azimuth, torch.tensor([0.0, 90.0, 180.0, 270.0]))
     assert torch.all(cameras.elevation == 30.0)
     assert torch.all(views[:, 0, 0] == 1.0)  # white background
-    # View 0 is the input view composited over white; view 1 (azimuth 90) looks from +y.
-    input_rgb = gso.composite_white(gso.render_input_view(mesh, cfg, elevation=30.0))
-    assert metrics.psnr(views[0], input_rgb) > 60
+    # View 0 is the photo at the input elevation composited over white; view 1 (azimuth 90) looks from +y.
+    rgba = render_photo(mesh, photo_camera(cfg))
+    assert metrics.psnr(views[0], rgba[..., :3] * rgba[..., 3:] + 1.0 - rgba[..., 3:]) > 60
     colours = (views[1] * 255).round().numpy()
     np.testing.assert_allclose(colours[_pixel_of([0.0, 1 / 3, 0.0], cameras[1], 64)], FACE_COLOURS[2], atol=2)
 
@@ -240,8 +251,8 @@ def test_ground_truth_views_orbit_at_elevation_30(dataset):
 FAILING_OBJECT = "crate"
 
 
-def stand_in_reconstruct(gt_mesh, config, run_dir, prior):
-    """Test stand-in for recon.pipeline.reconstruct_object: scores a known perturbation of the truth.
+def stand_in_reconstruct(gt_mesh, config, run_dir):
+    """Test stand-in for recon.bench.runner.reconstruct_object: scores a known perturbation of the truth.
 
     The "reconstruction" is the ground truth shifted by 0.02 along x, scored
     with the real metrics; it raises for FAILING_OBJECT unless run_dir holds
@@ -249,11 +260,11 @@ def stand_in_reconstruct(gt_mesh, config, run_dir, prior):
     """
     run_dir = Path(run_dir)
     with open(run_dir / "calls.txt", "a") as calls:
-        calls.write(f"{prior} {config.camera.reference_elevation} {(run_dir / runner.INPUT_IMAGE).is_file()}\n")
+        calls.write(f"{config.prior.kind} {config.camera.reference_elevation}\n")
     if run_dir.name == FAILING_OBJECT and not (run_dir / "fixed").exists():
         raise RuntimeError("stand-in failure for " + run_dir.name)
     predicted = gt_mesh.with_vertices(gt_mesh.vertices + torch.tensor([0.02, 0.0, 0.0]))
-    scores = metrics.mesh_metrics(predicted, gt_mesh, config.eval, seed=config.seed)
+    scores = geometry_scores(predicted, gt_mesh, config.eval, "recon", seed=config.seed)
     truth = torch.linspace(0, 1, 32 * 32 * 3).reshape(1, 32, 32, 3)
     scores.update(metrics.image_metrics(truth * 0.9, truth))
     scores["seconds"] = 0.5
@@ -281,7 +292,12 @@ def _check_outputs(output_dir, expected_ok, expected_failed):
     ok_chamfers = [float(r["chamfer"]) for r in rows if r["status"] == "ok"]
     assert results["summary"]["chamfer"]["mean"] == pytest.approx(np.mean(ok_chamfers))
     summary = (output_dir / "summary.md").read_text()
-    assert "SyncDreamer" in summary and "0.0339" in summary and "0.5421" in summary and "0.4528" in summary
+    # The published rows are SyncDreamer-protocol numbers: shown only beside numbers of that protocol.
+    published = ("0.0339" in summary, "0.5421" in summary, "0.4528" in summary)
+    if results["run"]["protocol"] == "syncdreamer":
+        assert all(published) and "Protocol `syncdreamer`" in summary
+    else:
+        assert not any(published) and "--protocol syncdreamer" in summary
     assert f"{np.median(ok_chamfers):.4f}" in summary
     image = iio.imread(output_dir / "scores.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
@@ -301,9 +317,8 @@ def test_run_benchmark_in_process_with_failure_and_resume(dataset, tmp_path):
         assert 0.005 < row["chamfer"] < 0.04 and 0.8 < row["volume_iou"] < 1.0 and row["fscore"] > 0.9
         assert row["lpips"] is None and row["seconds"] == 0.5 and row["wall_seconds"] >= 0
         assert row["psnr"] == pytest.approx(metrics.psnr(torch.linspace(0, 1, 3072).reshape(1, 32, 32, 3) * 0.9, torch.linspace(0, 1, 3072).reshape(1, 32, 32, 3)))
-    # The stand-in saw the prior, the input elevation and the input image already written.
-    assert _calls(output_dir, "box") == ["reference 25.0 True"]
-    assert iio.imread(runner.object_dir(output_dir, "box") / runner.INPUT_IMAGE).shape == (64, 64, 4)
+    # The stand-in saw the prior and the input elevation.
+    assert _calls(output_dir, "box") == ["reference 25.0"]
     failed = next(r for r in csv_rows if r["status"] == "failed")
     assert "stand-in failure for crate" in failed["error"] and failed["chamfer"] == ""
     assert "RuntimeError" in (runner.object_dir(output_dir, "crate") / runner.ERROR_FILE).read_text()
@@ -313,7 +328,7 @@ def test_run_benchmark_in_process_with_failure_and_resume(dataset, tmp_path):
     # Resume: scored objects are skipped, the failed one is retried (and now succeeds).
     (runner.object_dir(output_dir, "crate") / "fixed").touch()
     again = runner.run_benchmark(dataset, None, small_config(), output_dir, reconstruct=stand_in_reconstruct, elevation=25.0, log=lambda _: None)
-    assert _calls(output_dir, "box") == ["reference 25.0 True"]  # not run again
+    assert _calls(output_dir, "box") == ["reference 25.0"]  # not run again
     assert len(_calls(output_dir, "crate")) == 2
     assert all(r["status"] == "ok" for r in again)
     assert {r["object"]: r["chamfer"] for r in again if r["object"] != "crate"} == {k: v["chamfer"] for k, v in ok.items()}
@@ -322,11 +337,19 @@ def test_run_benchmark_in_process_with_failure_and_resume(dataset, tmp_path):
     assert not (runner.object_dir(output_dir, "crate") / runner.ERROR_FILE).exists()
 
 
+def test_summary_shows_published_rows_only_under_their_protocol(dataset, tmp_path):
+    config = small_config()
+    config.eval.protocol = "syncdreamer"
+    runner.run_benchmark(dataset, ["box", "ball"], config, tmp_path / "sync", reconstruct=stand_in_reconstruct, log=lambda _: None)
+    _, results = _check_outputs(tmp_path / "sync", ["ball", "box"], [])
+    assert results["run"]["protocol"] == "syncdreamer"
+
+
 def test_run_benchmark_on_a_subset_and_contract_violations(dataset, tmp_path):
     listing = tmp_path / "subset.txt"
     listing.write_text("pill\n")
 
-    def no_images(gt_mesh, config, run_dir, prior):
+    def no_images(gt_mesh, config, run_dir):
         return {"chamfer": 0.1, "volume_iou": 0.5, "fscore": 0.5}
 
     rows = runner.run_benchmark(dataset, listing, small_config(), tmp_path / "out", reconstruct=no_images, log=lambda _: None)
@@ -362,11 +385,11 @@ def test_cli_reports_bad_input(tmp_path, capsys):
 # ----------------------------------------------------------------------------- Ray
 
 
-def crashing_reconstruct(gt_mesh, config, run_dir, prior):
+def crashing_reconstruct(gt_mesh, config, run_dir):
     """Kills its worker process for one object: Ray must record the failure and go on."""
     if Path(run_dir).name == "ball":
         os._exit(1)
-    return stand_in_reconstruct(gt_mesh, config, run_dir, prior)
+    return stand_in_reconstruct(gt_mesh, config, run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +409,7 @@ def test_run_benchmark_on_ray_matches_in_process(dataset, tmp_path, local_ray):
     assert [{k: r[k] for k in keys} for r in on_ray] == [{k: r[k] for k in keys} for r in in_process]
     _check_outputs(tmp_path / "ray", ["ball", "box", "pill"], ["crate"])
     # The workers wrote the per-object folders.
-    assert _calls(tmp_path / "ray", "pill") == ["reference 30.0 True"]
+    assert _calls(tmp_path / "ray", "pill") == ["reference 30.0"]
 
 
 def test_ray_worker_crash_is_isolated(dataset, tmp_path, local_ray):

@@ -96,3 +96,21 @@ def test_numba_failure_falls_back_to_pytorch_with_one_notice(monkeypatch, caplog
             torch.testing.assert_close(got[1], expected[1])
     finally:
         accel.forget(hash_grid_cpu.KERNELS_NAME)
+
+
+def test_reattached_features_give_the_encoding_gradient():
+    """Features computed without gradients, joined back to the graph, backpropagate as a fresh encoding would."""
+    grid = grid_with_values()
+    x = torch.rand(2000, 3, generator=torch.Generator().manual_seed(4))
+    upstream = torch.randn(2000, grid.n_output_dims, generator=torch.Generator().manual_seed(5))
+    fresh = grid(x)
+    (fresh * upstream).sum().backward()
+    expected = grid.params.grad.clone()
+    grid.params.grad = None
+    with torch.no_grad():
+        features = grid(x)
+    reattached = grid.reattach(features, x)
+    assert reattached.requires_grad
+    (reattached * upstream).sum().backward()
+    torch.testing.assert_close(reattached.detach(), fresh.detach())
+    torch.testing.assert_close(grid.params.grad, expected)

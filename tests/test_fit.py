@@ -1,10 +1,12 @@
 import torch
 
-from recon.bench.metrics import normalize_to_unit_cube
 from recon.bench.procedural import crate
 from recon.config import load_config
+from recon.eval.truth import render_photo
 from recon.fit import _ReferenceTarget, fit_step, load_checkpoint, new_fit_state, run_fit, save_checkpoint
-from recon.pipeline import reference_view_from_prior
+from recon.frames import PhotoCamera
+from recon.mesh.data import normalize_to_unit_cube
+from recon.prepare import ReferenceView
 from recon.prior.reference import ReferencePrior
 
 FAST = ["camera.resolutions=[32]", "camera.reference_resolution=64", "fit.reference_rays=512", "render.n_samples_per_ray=64"]
@@ -14,7 +16,9 @@ def _setup(steps):
     cfg = load_config("cpu", FAST + [f"fit.steps={steps}"])
     gt = normalize_to_unit_cube(crate())[0]
     prior = ReferencePrior(gt, cfg.prior, "cpu")
-    return cfg, prior, reference_view_from_prior(prior, cfg)
+    # the photo taken by the fit's own reference camera: the fit frame is the truth's
+    camera = PhotoCamera(cfg.camera.reference_elevation, cfg.camera.distance, cfg.camera.fovy, 128, 128)
+    return cfg, prior, ReferenceView(render_photo(gt, camera))
 
 
 def test_reference_prior_gradient_points_at_the_truth():
@@ -54,8 +58,9 @@ def test_resume_continues_exactly(tmp_path):
     resumed, saved_cfg = load_checkpoint(tmp_path / "checkpoint.pt", "cpu")
     assert resumed.step == 3
     saved_cfg.fit.steps = 6
-    # the prior's own generator simply continues in this process
-    run_fit(resumed, prior2, reference, saved_cfg, quiet=True)
+    # a new process builds a new prior: its random state comes from the checkpoint
+    _, fresh_prior, _ = _setup(6)
+    run_fit(resumed, fresh_prior, reference, saved_cfg, quiet=True)
     for a, b in zip(straight.field.parameters(), resumed.field.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 

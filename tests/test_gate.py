@@ -103,8 +103,8 @@ def test_refuses_image_whose_embedding_is_a_concept(gate, tmp_path):
     assert verdict.concept_scores[5] == pytest.approx(0.5, abs=1e-4)  # cos = 1 against threshold 0.5
     assert max(verdict.concept_scores[:5] + verdict.concept_scores[6:]) < 0
     with pytest.raises(Refused, match="safety checker"):
-        flagging.check_or_refuse(image)
-    assert gate.check_or_refuse(image).flagged is False  # the unedited checker lets it through
+        verdict.raise_if_flagged()
+    gate.check(image).raise_if_flagged()  # the unedited checker lets it through
 
 
 def test_threshold_scale_moves_the_verdict(gate, tmp_path):

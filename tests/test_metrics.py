@@ -7,7 +7,9 @@ import pytest
 import torch
 import trimesh
 
-from recon.bench import metrics
+from recon.eval import metrics
+from recon.eval.score import geometry_scores
+from recon.mesh.data import normalize_to_unit_cube
 from recon.config import EvalConfig
 from recon.mesh.data import MeshData
 
@@ -170,7 +172,7 @@ def test_volume_iou_is_fast_for_a_large_mesh():
 
 def test_normalize_to_unit_cube():
     box = _box([1.0, 2.0, -3.0], [3.0, 3.0, -2.5])
-    normalised, scale, offset = metrics.normalize_to_unit_cube(box)
+    normalised, scale, offset = normalize_to_unit_cube(box)
     v = normalised.vertices.numpy()
     assert scale == pytest.approx(0.5)
     np.testing.assert_allclose(v.min(0) + v.max(0), 0.0, atol=1e-6)
@@ -179,13 +181,13 @@ def test_normalize_to_unit_cube():
     assert torch.equal(normalised.faces, box.faces)
 
 
-def test_mesh_metrics():
+def test_geometry_scores_under_our_protocol():
     cfg = EvalConfig(n_surface_points=5000)
     a = _sphere(radius=0.4)
-    same = metrics.mesh_metrics(a, a, cfg)
+    same = geometry_scores(a, a, cfg, "recon")
     assert set(same) == {"chamfer", "volume_iou", "fscore"}
     assert same["volume_iou"] == 1.0 and same["fscore"] == 1.0 and same["chamfer"] < 0.015  # two independent samplings, ~0.02 apart
-    moved = metrics.mesh_metrics(_sphere(radius=0.4, centre=(0.2, 0, 0)), a, cfg)
+    moved = geometry_scores(_sphere(radius=0.4, centre=(0.2, 0, 0)), a, cfg, "recon")
     assert moved["chamfer"] > 0.08 and moved["volume_iou"] < 0.6 and moved["fscore"] < 0.6
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from recon.pipeline import surface_colour
+from recon.render.field_views import surface_colour
 
 
 class ShellField(torch.nn.Module):

@@ -6,7 +6,7 @@ import torch
 
 from recon.config import FieldConfig, RenderConfig
 from recon.field.field import RadianceField
-from recon.render.occupancy import TorchOccupancyGrid, exclusive_sum_per_ray, ray_box_intersection
+from recon.render.occupancy import TorchOccupancyGrid, before_opaque, evaluate_until_opaque, exclusive_sum_per_ray, ray_box_intersection
 from recon.render.volume import composite, render_rays, step_size
 
 
@@ -49,6 +49,28 @@ def test_exclusive_sum_per_ray_keeps_small_sums_exact_in_large_batches():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got[starts[last] :], expected, rtol=0, atol=1e-3)
     assert (got[position == 0] == 0).all()
+
+
+def test_front_to_back_evaluation_keeps_what_early_stop_keeps_and_evaluates_less():
+    generator = torch.Generator().manual_seed(3)
+    counts = torch.randint(1, 60, (500,), generator=generator)
+    rays = torch.repeat_interleave(torch.arange(500), counts)
+    t_starts = torch.rand(rays.numel(), generator=generator)
+    t_ends = t_starts + 0.02
+    # rays of every kind: empty fog, soft, and hitting a wall of density 5000 somewhere along them
+    density = torch.rand(rays.numel(), generator=generator) * 20.0
+    density[torch.rand(rays.numel(), generator=generator) < 0.05] = 5000.0
+    evaluated = []
+
+    def evaluate(index):
+        evaluated.append(index.numel())
+        return density[index], density[index] * 2.0
+
+    index, got, doubled = evaluate_until_opaque(evaluate, t_starts, t_ends, rays, 500)
+    expected = before_opaque(density, t_starts, t_ends, rays, 500).nonzero().squeeze(1)
+    assert torch.equal(index, expected)  # the same samples, in packed order
+    assert torch.equal(got, density[expected]) and torch.equal(doubled, 2.0 * density[expected])
+    assert sum(evaluated) < 0.8 * rays.numel()
 
 
 def test_ray_box_intersection():

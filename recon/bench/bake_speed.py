@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
 
     from recon.config import load_config
     from recon.field.field import RadianceField
-    from recon.pipeline import surface_colour
+    from recon.render.field_views import surface_colour
 
     field_cfg = load_config(args.field_config)
     field = RadianceField(field_cfg.field)
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
         _, seconds = timed(bake_texture, unwrapped, analytic_albedo, size=args.size, padding=args.padding)
         stages["bake_total_s"].append(seconds)
         # The product's bake: the field composited along each texel's normal
-        # (recon.pipeline.surface_colour), 16 field queries per texel. An
+        # (recon.render.field_views.surface_colour), 16 field queries per texel. An
         # untrained field costs the same per query as a fitted one.
         _, seconds = timed(bake_texture, unwrapped, field_colour, size=args.size, padding=args.padding, normals=True)
         stages["bake_with_field_s"].append(seconds)

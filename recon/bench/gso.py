@@ -1,4 +1,4 @@
-"""Google Scanned Objects as distributed, and the SyncDreamer evaluation renders of them.
+"""Google Scanned Objects as distributed: listing and loading the objects of a dataset folder.
 
 Each object is a folder, or a ``.zip`` of that folder's contents, holding::
 
@@ -8,13 +8,8 @@ Each object is a folder, or a ``.zip`` of that folder's contents, holding::
 
 GSO meshes are +z up like our world, so they are only normalised to the unit
 cube (bounding box centred at the origin, longest side 1), as the SyncDreamer
-protocol does before scoring.
-
-The renders follow that protocol too: 256x256, camera distance 1.5, vertical
-field of view 49.1 degrees, white background, unlit albedo; the input view at
-a given elevation (30 by default) and azimuth 0, and 16 ground-truth views at
-elevation 30 evenly spaced in azimuth from 0 (so view 0 is the input's azimuth).
-All of these numbers come from :class:`recon.config.EvalConfig`.
+protocol does before scoring. The photos and views the benchmark renders of
+them are :mod:`recon.eval.truth`'s.
 """
 
 from __future__ import annotations
@@ -24,21 +19,11 @@ import zipfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
-import numpy as np
-import torch
-
-from recon.bench.metrics import normalize_to_unit_cube
-from recon.camera import Cameras, orbit_cameras
-from recon.config import EvalConfig
 from recon.errors import BadInput
-from recon.mesh.data import MeshData
+from recon.mesh.data import MeshData, normalize_to_unit_cube
 
 MESH_FILE = "meshes/model.obj"
 TEXTURE_DIR = "materials/textures"
-INPUT_AZIMUTH = 0.0
-# Anti-aliasing of the evaluation renders: the published protocol's renders
-# (Blender) are anti-aliased, and hard pixel edges would bias PSNR/SSIM at silhouettes.
-RENDER_SSAA = 2
 
 PathLike = Union[str, Path]
 
@@ -158,55 +143,6 @@ def load_gso_object(path: PathLike, normalize: bool = True) -> MeshData:
     else:
         raise BadInput(f"not a GSO object folder or zip: {path}")
     return normalize_to_unit_cube(mesh)[0] if normalize else mesh
-
-
-# ----------------------------------------------------------------------------- evaluation renders
-
-
-def input_camera(cfg: EvalConfig, elevation: float = 30.0, azimuth: float = INPUT_AZIMUTH, device=None) -> Cameras:
-    return Cameras.make(elevation, azimuth, cfg.distance, cfg.fovy, device=device)
-
-
-def eval_cameras(cfg: EvalConfig, device=None) -> Cameras:
-    """The ground-truth views: ``cfg.n_views`` cameras at ``cfg.elevation``, azimuth from 0 in equal steps."""
-    return orbit_cameras(cfg.n_views, cfg.elevation, cfg.distance, cfg.fovy, device=device)
-
-
-def render_input_view(mesh: MeshData, cfg: EvalConfig, elevation: float = 30.0, azimuth: float = INPUT_AZIMUTH) -> torch.Tensor:
-    """The input image [H, W, 4] as straight-alpha RGBA in [0, 1] (composite over white for the protocol's RGB)."""
-    from recon.render.mesh_raster import render_mesh
-
-    camera = input_camera(cfg, elevation, azimuth, device=mesh.device)
-    # Over black the composited colour is premultiplied by coverage; dividing
-    # by alpha recovers the straight colour along anti-aliased edges.
-    out = render_mesh(mesh, camera, cfg.resolution, background=(0.0, 0.0, 0.0), shading="albedo", ssaa=RENDER_SSAA)
-    alpha = out["alpha"][0]
-    colour = torch.where(alpha > 0, out["rgb"][0] / alpha.clamp(min=1e-6), torch.zeros_like(out["rgb"][0]))
-    return torch.cat([colour.clamp(0.0, 1.0), alpha], dim=-1).cpu()
-
-
-def render_gt_views(mesh: MeshData, cfg: EvalConfig) -> torch.Tensor:
-    """The ground-truth views [n_views, H, W, 3] over white, for PSNR/SSIM/LPIPS."""
-    from recon.render.mesh_raster import render_mesh
-
-    out = render_mesh(mesh, eval_cameras(cfg, device=mesh.device), cfg.resolution, background=(1.0, 1.0, 1.0), shading="albedo", ssaa=RENDER_SSAA)
-    return out["rgb"].clamp(0.0, 1.0).cpu()
-
-
-def composite_white(rgba: torch.Tensor) -> torch.Tensor:
-    """Straight-alpha RGBA [..., 4] over a white background -> RGB [..., 3]."""
-    return rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
-
-
-def save_rgba_png(path: PathLike, rgba: torch.Tensor) -> None:
-    """Write an RGBA image in [0, 1] as an 8-bit PNG, atomically."""
-    import imageio.v3 as iio
-
-    from recon.io_utils import atomic_path
-
-    pixels = (rgba.detach().cpu().numpy().clip(0.0, 1.0) * 255.0).round().astype(np.uint8)
-    with atomic_path(path) as temporary:
-        iio.imwrite(temporary, pixels)
 
 
 def objects_to_paths(data_root: PathLike, names: Sequence[str]) -> List[Path]:

@@ -4,8 +4,12 @@
                                  [--config cpu] [--ray | --ray-address ADDR] [key=value ...]
 
 Per object ``<name>``, ``OUT/objects/<name>/`` is the object's run folder: the
-input view (``input.png``), whatever the reconstruction writes there, its
-``result.json`` and, after a failure, ``error.txt`` with the traceback.
+run of :func:`recon.pipeline.self_check` (the protocol's photo ``photo.png``,
+the prepared ``input.png``, the asset, ``run.json``, ``metrics.json``), the
+row ``result.json`` and, after a failure, ``error.txt`` with the traceback.
+Every object goes through the image path; the prior (``--prior reference``
+or a Zero123 model) is the only difference between modes, and scores are
+taken in the truth's frame under ``eval.protocol``.
 ``OUT/results.csv``, ``results.json``, ``summary.md`` and ``scores.png``
 gather all objects (see :mod:`recon.bench.report`) and are rewritten after
 every object.
@@ -41,24 +45,33 @@ from recon.errors import BadInput, ReconError
 from recon.io_utils import write_bytes_atomic, write_json_atomic
 from recon.mesh.data import MeshData
 
-# The contract of the per-object reconstruction (recon.pipeline.reconstruct_object):
-#   reconstruct(gt_mesh, config, run_dir, prior) -> dict with at least these keys
+# The contract of the per-object reconstruction (default: reconstruct_object below):
+#   reconstruct(gt_mesh, config, run_dir) -> dict with at least these keys
 # (lpips may be None when LPIPS is unavailable) and, ideally, "seconds".
 REQUIRED_METRICS = ("chamfer", "volume_iou", "fscore", "psnr", "ssim", "lpips")
-Reconstruct = Callable[[MeshData, Config, Path, str], dict]
+Reconstruct = Callable[[MeshData, Config, Path], dict]
 
 RESULT_FILE = "result.json"
-INPUT_IMAGE = "input.png"
 ERROR_FILE = "error.txt"
 
 
-def default_reconstruct() -> Reconstruct:
-    """The pipeline's per-object reconstruction; a clear error when it is not there."""
-    try:
-        from recon.pipeline import reconstruct_object
-    except ImportError as error:
-        raise BadInput(f"the benchmark needs recon.pipeline.reconstruct_object, which cannot be imported: {error}") from None
-    return reconstruct_object
+def reconstruct_object(truth: MeshData, config: Config, run_dir: Path) -> dict:
+    """One object through the image path (the self-check job, with its own run.json); its metrics."""
+    from recon import pipeline
+    from recon.run_record import new_record
+
+    record = new_record(run_dir, config, mode="benchmark-object")
+    return pipeline.self_check(truth, config, run_dir, record, quiet=True).metrics
+
+
+def with_prior(config: Config, prior: str) -> Config:
+    """``config`` with the benchmark's prior: "reference" (the truth, no weights) or a Zero123 model id or path."""
+    config = copy.deepcopy(config)
+    if prior == "reference":
+        config.prior.kind = "reference"
+    else:
+        config.prior.kind, config.prior.model = "zero123", str(prior)
+    return config
 
 
 def object_dir(output_dir: Path, name: str) -> Path:
@@ -79,27 +92,26 @@ def _failure(name: str, message: str, wall_seconds: Optional[float]) -> dict:
     return row
 
 
-def score_object(object_path: Path, config: Config, run_dir: Path, prior: str, reconstruct: Optional[Reconstruct] = None, elevation: float = 30.0) -> dict:
-    """Load one object, render its input view, reconstruct it and return its result row; never raises on failure.
+def score_object(object_path: Path, config: Config, run_dir: Path, reconstruct: Optional[Reconstruct] = None, elevation: float = 30.0) -> dict:
+    """Load one object, reconstruct it from its photo at ``elevation`` and return its result row; never raises on failure.
 
     The row has ``object``, ``status`` ("ok" or "failed"), the metrics, the
-    reconstruction's own ``seconds``, ``wall_seconds`` (loading, input
-    rendering and reconstruction), ``error`` and ``metrics`` (everything the
-    reconstruction returned).
+    reconstruction's own ``seconds``, ``wall_seconds`` (loading and
+    reconstruction), ``error`` and ``metrics`` (everything the reconstruction
+    returned).
     """
     name = gso.object_name(object_path)
     run_dir = Path(run_dir)
     started = time.monotonic()
     try:
-        reconstruct = reconstruct or default_reconstruct()
+        reconstruct = reconstruct or reconstruct_object
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a stale traceback from an earlier try would mislead
         gt_mesh = gso.load_gso_object(object_path)
-        gso.save_rgba_png(run_dir / INPUT_IMAGE, gso.render_input_view(gt_mesh, config.eval, elevation=elevation))
-        # The fit must know the input's elevation (Zero123 conditions on it).
+        # The photo is taken, and the fit's camera placed, at the input's elevation (Zero123 conditions on it).
         config = copy.deepcopy(config)
         config.camera.reference_elevation = elevation
-        metrics = reconstruct(gt_mesh, config, run_dir, prior)
+        metrics = reconstruct(gt_mesh, config, run_dir)
         missing = [key for key in REQUIRED_METRICS if key not in metrics]
         if missing:
             raise RuntimeError(f"the reconstruction returned no {', '.join(missing)} (it must return {', '.join(REQUIRED_METRICS)})")
@@ -185,17 +197,17 @@ def run_benchmark(
     """Reconstruct and score GSO objects; returns one row per object (see :func:`score_object`).
 
     ``objects``: None for every object under ``data_root``, a path to an
-    object-list file (one name a line), or a sequence of names. ``prior`` is
-    passed to the reconstruction as is ("reference", or a Zero123 model id or
-    path). ``reconstruct`` defaults to ``recon.pipeline.reconstruct_object``.
-    ``use_ray`` or a ``ray_address`` runs one Ray task per object.
+    object-list file (one name a line), or a sequence of names. ``prior``
+    ("reference", or a Zero123 model id or path) sets the config's prior.
+    ``reconstruct`` defaults to :func:`reconstruct_object`. ``use_ray`` or a
+    ``ray_address`` runs one Ray task per object.
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     data_root, output_dir = Path(data_root), Path(output_dir)
     paths = _resolve_objects(data_root, objects)
-    reconstruct = reconstruct or default_reconstruct()
+    config = with_prior(config, prior)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     rows = {}
@@ -225,6 +237,7 @@ def run_benchmark(
             "ray": bool(use_ray or ray_address),
             "ray_address": ray_address,
             "elevation": elevation,
+            "protocol": config.eval.protocol,
             "config": to_dict(config),
         }
 
@@ -237,7 +250,7 @@ def run_benchmark(
         log(f"[{done}/{len(todo)}] {row['object']}: {row['status']} {summary} ({row.get('wall_seconds')} s)")
 
     def run_one(path: Path) -> dict:
-        return score_object(path, config, object_dir(output_dir, gso.object_name(path)), prior, reconstruct, elevation)
+        return score_object(path, config, object_dir(output_dir, gso.object_name(path)), reconstruct, elevation)
 
     if use_ray or ray_address:
         _run_on_ray(todo, run_one, record, ray_address, log)

@@ -1,7 +1,7 @@
 """The self-check over every procedural object: `python -m recon.bench.selfcheck [--config cpu] [--profile] [key=value ...]`.
 
-Fits each object through the reference prior (no diffusion weights needed),
-exports it, scores it, prints a table and writes the figures with a description
+Photographs each object and reconstructs the photo through the image path
+with the reference prior (no diffusion weights needed), exports it, scores it, prints a table and writes the figures with a description
 of the machine to ``selfcheck_<preset>.json`` (``recon/bench/results/`` in a
 checkout; ``--results`` elsewhere). ``--profile`` adds, per object, the
 functions that took the most time (cProfile, own time) to that file.
@@ -19,12 +19,14 @@ import time
 from pathlib import Path
 from typing import List
 
-from recon.bench.metrics import normalize_to_unit_cube
+from recon import pipeline
 from recon.bench.procedural import OBJECTS
 from recon.bench.results import default_path, machine
 from recon.config import load_config, to_dict
+from recon.device import choose_device
 from recon.io_utils import write_json_atomic
-from recon.pipeline import choose_device, reconstruct_reference
+from recon.mesh.data import normalize_to_unit_cube
+from recon.run_record import new_record
 
 COLUMNS = ("chamfer", "volume_iou", "fscore", "field_psnr", "psnr", "ssim", "faces", "seconds")
 PROFILE_TOP = 15
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="also record where each object's time went (cProfile; adds a little overhead)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, ["prior.kind=reference"] + list(args.overrides))
     device = choose_device(cfg.device)
     rows = {}
     started = time.monotonic()
@@ -56,7 +58,9 @@ def main(argv=None) -> int:
             profile = cProfile.Profile() if args.profile else None
             if profile:
                 profile.enable()
-            metrics = reconstruct_reference(gt, cfg, Path(scratch) / name, device=device, quiet=True)
+            run_dir = Path(scratch) / name
+            run_dir.mkdir()
+            metrics = pipeline.self_check(gt, cfg, run_dir, new_record(run_dir, cfg, mode="reference-mesh"), quiet=True).metrics
             rows[name] = {key: metrics[key] for key in COLUMNS} | {"stage_seconds": metrics["stage_seconds"]}
             if profile:
                 profile.disable()

@@ -63,19 +63,36 @@ class RadianceField(nn.Module):
         distance = points.norm(dim=-1)
         return self.cfg.density_bias_scale * (1.0 - distance / self.cfg.density_bias_radius)
 
-    def _decode(self, points: torch.Tensor) -> torch.Tensor:
-        unit = (points / self.radius + 1.0) * 0.5
-        inside = ((unit >= 0.0) & (unit <= 1.0)).all(dim=-1)
-        features = self.encoding(unit.clamp(0.0, 1.0))
+    def encode(self, points: torch.Tensor) -> torch.Tensor:
+        """Hash-grid features [P, F] (float32) of world points [P, 3]; points outside the box are clamped to it."""
+        return self.encoding(self._unit(points).clamp(0.0, 1.0))
+
+    def encode_again(self, features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """``encode(points)`` for features [P, F] already computed without gradients: the same values, now
+        differentiable in the grid's table.
+
+        Saves the second encoding of the samples that survive the early stop
+        where the encoding supports it (the fused CPU kernels); elsewhere it
+        encodes again.
+        """
+        reattach = getattr(self.encoding, "reattach", None)
+        unit = self._unit(points).clamp(0.0, 1.0)
+        return reattach(features, unit) if reattach is not None else self.encoding(unit)
+
+    def decode(self, features: torch.Tensor, points: torch.Tensor):
+        """(density [P], albedo [P, 3]) from features [P, F] of world points [P, 3]."""
         out = self.decoder(features.float())
-        return out, inside
+        unit = self._unit(points)
+        inside = ((unit >= 0.0) & (unit <= 1.0)).all(dim=-1)
+        density = trunc_exp(out[..., 0] + self.density_bias(points)) * inside
+        return density, torch.sigmoid(out[..., 1:4])
+
+    def _unit(self, points: torch.Tensor) -> torch.Tensor:
+        return (points / self.radius + 1.0) * 0.5
 
     def forward(self, points: torch.Tensor):
         """(density [P], albedo [P, 3]) at world points [P, 3]."""
-        out, inside = self._decode(points)
-        density = trunc_exp(out[..., 0] + self.density_bias(points)) * inside
-        albedo = torch.sigmoid(out[..., 1:4])
-        return density, albedo
+        return self.decode(self.encode(points), points)
 
     def density(self, points: torch.Tensor) -> torch.Tensor:
         return self.forward(points)[0]

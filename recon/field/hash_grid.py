@@ -131,6 +131,15 @@ class HashGrid(nn.Module):
             f"log2_hashmap_size={self.log2_hashmap_size}, resolutions={self.resolutions[0]}..{self.resolutions[-1]}"
         )
 
+    def reattach(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` given its value ``features`` [N, F] computed without gradients: differentiable in the table.
+
+        On the fused CPU path no second forward pass is run; elsewhere this is ``self(x)``.
+        """
+        if self._can_fuse(x):
+            return hash_grid_cpu.reattach(features, x.float(), self.params, self._fused_layout())
+        return self(x)
+
     def _can_fuse(self, x: torch.Tensor) -> bool:
         return (
             self.use_fused_cpu

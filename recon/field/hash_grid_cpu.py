@@ -89,14 +89,39 @@ class _FusedEncoding(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        _, encode_backward = kernels()
         (x,) = ctx.saved_tensors
-        grad_table = torch.zeros(ctx.n_params // N_FEATURES, N_FEATURES, dtype=torch.float32)
-        accel.match_numba_threads()
-        encode_backward(x.numpy(), grad_out.contiguous().float().numpy(), *ctx.layout.args(), grad_table.numpy())
-        return None, grad_table.view(-1), None
+        return None, _table_gradient(x, grad_out, ctx.layout, ctx.n_params), None
+
+
+class _Reattached(torch.autograd.Function):
+    """The features [N, 2 L] of x [N, 3] computed earlier without gradients, joined to the graph: backward as encode's."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, x: torch.Tensor, params: torch.Tensor, layout: LevelLayout) -> torch.Tensor:
+        ctx.save_for_backward(x.detach().contiguous())
+        ctx.layout, ctx.n_params = layout, params.numel()
+        return features.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return None, None, _table_gradient(x, grad_out, ctx.layout, ctx.n_params), None
+
+
+def _table_gradient(x: torch.Tensor, grad_out: torch.Tensor, layout: LevelLayout, n_params: int) -> torch.Tensor:
+    """d loss / d params [n_params] from d loss / d features [N, 2 L] at points x [N, 3]."""
+    _, encode_backward = kernels()
+    grad_table = torch.zeros(n_params // N_FEATURES, N_FEATURES, dtype=torch.float32)
+    accel.match_numba_threads()
+    encode_backward(x.numpy(), grad_out.contiguous().float().numpy(), *layout.args(), grad_table.numpy())
+    return grad_table.view(-1)
 
 
 def fused_encode(x: torch.Tensor, params: torch.Tensor, layout: LevelLayout) -> torch.Tensor:
     """The hash-grid encoding of CPU float32 points [N, 3] in [0, 1] -> [N, 2 L], differentiable in ``params``."""
     return _FusedEncoding.apply(x, params, layout)
+
+
+def reattach(features: torch.Tensor, x: torch.Tensor, params: torch.Tensor, layout: LevelLayout) -> torch.Tensor:
+    """``fused_encode(x, params)`` given its value ``features``: no second forward pass, the same gradient."""
+    return _Reattached.apply(features, x, params, layout)

@@ -9,7 +9,7 @@ Appearance is one of: a UV-mapped texture, per-vertex colours, or nothing
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -114,3 +114,21 @@ def _attribute_colors(mesh) -> Optional[np.ndarray]:
             scale = 255.0 if np.issubdtype(colors.dtype, np.integer) else 1.0
             return (colors[:, :3].astype(np.float32) / scale).clip(0.0, 1.0)
     return None
+
+
+def normalize_to_unit_cube(mesh: MeshData) -> Tuple[MeshData, float, np.ndarray]:
+    """Centre the bounding box at the origin and scale its longest side to 1.
+
+    Returns ``(normalised mesh, scale, offset)`` with
+    ``normalised_vertices = vertices * scale + offset``, so a caller can map
+    other geometry (a reconstruction in the same frame) the same way.
+    """
+    vertices = mesh.vertices.detach().cpu().numpy().astype(np.float64)
+    low, high = vertices.min(axis=0), vertices.max(axis=0)
+    extent = float((high - low).max())
+    if extent <= 0.0:
+        raise ValueError("cannot normalise a mesh whose vertices all coincide")
+    scale = 1.0 / extent
+    offset = -0.5 * (low + high) * scale
+    new_vertices = torch.as_tensor(vertices * scale + offset, dtype=mesh.vertices.dtype, device=mesh.vertices.device)
+    return mesh.with_vertices(new_vertices), scale, offset

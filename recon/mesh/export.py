@@ -3,7 +3,8 @@
 Orientation: recon's world is +z up with the input view looking from +x;
 glTF is +y up with its front facing +z (where viewers put their default
 camera), and Blender's OBJ importer assumes +y up, forward -z. Both files are
-therefore written with the same proper rotation ``(x, y, z) -> (y, z, x)``:
+therefore written with the same proper rotation ``(x, y, z) -> (y, z, x)``
+(:data:`recon.mesh.io.Z_UP_TO_Y_UP`, whose inverse ``load_mesh`` applies):
 +z becomes +y (upright), +x becomes +z (the side the photo showed faces the
 viewer) and +y becomes +x (the object's right stays on the viewer's right),
 so the two files agree and open the way the input photo looked in Blender,
@@ -41,12 +42,11 @@ from PIL import Image
 from recon.errors import BadInput
 from recon.io_utils import write_bytes_atomic
 from recon.mesh.data import MeshData
+from recon.mesh.io import OBJ_MARKER, to_y_up
 
 FORMATS = ("glb", "obj")
 PLAIN_GREY = (0.7, 0.7, 0.7)
 
-# z-up, input view from +x (recon) -> y-up, front towards +z (glTF): a cyclic axis permutation.
-Z_UP_TO_Y_UP = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
 
 # glTF constants (glTF 2.0 specification, section 5)
 _FLOAT, _UINT32 = 5126, 5125
@@ -81,10 +81,6 @@ def export_asset(
 
 
 # ---------------------------------------------------------------- shared helpers
-
-
-def to_y_up(points: np.ndarray) -> np.ndarray:
-    return points @ Z_UP_TO_Y_UP.T
 
 
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -237,7 +233,7 @@ def obj_text(mesh: MeshData, mtl_name: str, material: str = "material0") -> str:
     normals = to_y_up(vertex_normals(vertices, faces))
     colors = _colors(mesh)
     positions = to_y_up(vertices)
-    lines = ["# recon: +y up, front (the input view) towards +z, as Blender's OBJ importer expects", f"mtllib {mtl_name}", "o model"]
+    lines = [f"{OBJ_MARKER}, front (the input view) towards +z, as Blender's OBJ importer expects", f"mtllib {mtl_name}", "o model"]
     if colors is not None:
         lines.append(_rows("v %.6f %.6f %.6f %.4f %.4f %.4f", np.concatenate([positions, colors], axis=1)))
     else:

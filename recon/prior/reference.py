@@ -35,6 +35,12 @@ class ReferencePrior:
         self.alphas_cumprod = sds.scaled_linear_alphas_cumprod().to(self.device)
         self.generator = torch.Generator().manual_seed(seed)
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
     def true_views(self, cameras: Cameras, height: int, width: Optional[int] = None, ssaa: int = 1) -> torch.Tensor:
         """Ground-truth renders [N, H, W, 3] over the background (unlit albedo).
 

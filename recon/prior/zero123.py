@@ -104,6 +104,12 @@ class Zero123Prior:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
     @torch.no_grad()
     def _encode_reference(self, reference: ReferenceView, components: Zero123Components):
         """(CLIP image embedding [1, P], unscaled VAE latent [1, C, h, w]) of the input over white."""

@@ -46,6 +46,48 @@ def before_opaque(densities: torch.Tensor, t_starts: torch.Tensor, t_ends: torch
     return torch.exp(-exclusive_sum_per_ray(optical_depth, ray_indices, n_rays)) > EARLY_STOP_EPS
 
 
+MARCH_SLAB = 8  # samples per ray evaluated per round by evaluate_until_opaque
+
+
+def evaluate_until_opaque(evaluate: Callable, t_starts: torch.Tensor, t_ends: torch.Tensor, ray_indices: torch.Tensor, n_rays: int, slab: int = MARCH_SLAB):
+    """Evaluate packed samples [S] (sorted by ray, then t) front to back, skipping what early stop would drop.
+
+    ``evaluate(index)`` gives the densities [K] (and any other per-sample
+    tensors, as a tuple) of the samples ``index`` [K]. Samples are evaluated
+    ``slab`` per ray per round; a ray stops once its transmittance is at most
+    ``EARLY_STOP_EPS``. Returns ``(index [M], densities [M], *others)`` of the
+    samples :func:`before_opaque` keeps, in packed order: the same samples,
+    without evaluating the ones behind an opaque surface. ``S`` must be > 0.
+    """
+    counts = torch.bincount(ray_indices, minlength=n_rays)
+    first = torch.cumsum(counts, 0) - counts  # each ray's first sample
+    depth = torch.zeros(n_rays, dtype=torch.float64, device=ray_indices.device)  # optical depth reached so far
+    opaque_depth = -math.log(EARLY_STOP_EPS)
+    steps = torch.arange(slab, device=ray_indices.device)
+    rays = counts.nonzero().squeeze(1)  # rays still marching, ascending
+    buffers, kept = None, []
+    for start in range(0, int(counts.max()) if counts.numel() else 0, slab):
+        rays = rays[(counts[rays] > start) & (depth[rays] < opaque_depth)]
+        if rays.numel() == 0:
+            break
+        # the next ``slab`` samples of each marching ray: sorted by ray, then t
+        valid = start + steps[None] < counts[rays, None]
+        index = (first[rays, None] + start + steps[None])[valid]
+        outputs = evaluate(index)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        if buffers is None:
+            buffers = [value.new_empty((ray_indices.numel(),) + value.shape[1:]) for value in outputs]
+        for buffer, value in zip(buffers, outputs):
+            buffer[index] = value
+        sample_rays = ray_indices[index]
+        optical = (outputs[0] * (t_ends[index] - t_starts[index])).clamp(max=30.0).double()
+        before = depth[sample_rays] + exclusive_sum_per_ray(optical, sample_rays, n_rays)
+        kept.append(index[before < opaque_depth])
+        depth.index_add_(0, sample_rays, optical)
+    kept = torch.sort(torch.cat(kept)).values  # back to the packed order
+    return (kept,) + tuple(buffer[kept] for buffer in buffers)
+
+
 def ray_box_intersection(origins: torch.Tensor, directions: torch.Tensor, radius: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Entry and exit distances of rays with the box [-radius, radius]^3 (t_near >= 0; miss: t_near >= t_far)."""
     safe = torch.where(directions.abs() < 1e-9, torch.full_like(directions, 1e-9), directions)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Dict, Optional
 
 import nerfacc
@@ -18,7 +19,7 @@ import torch
 
 from recon.camera import Cameras, generate_rays
 from recon.config import RenderConfig
-from recon.render.occupancy import before_opaque
+from recon.render.occupancy import evaluate_until_opaque
 
 
 def step_size(radius: float, cfg: RenderConfig) -> float:
@@ -89,6 +90,19 @@ def opacity_distance(
     return out.scatter_reduce(0, ray_indices, t, reduce="amin")[:, None]
 
 
+def _field_at(field, origins, directions, ray_indices, t_starts, t_ends, with_features: bool, index: torch.Tensor):
+    """(density, albedo[, features]) of the field at the midpoints of packed samples ``index``.
+
+    Features (for :meth:`RadianceField.encode_again`) only when asked and the field has them.
+    """
+    rays = ray_indices[index]
+    at = origins[rays] + directions[rays] * (0.5 * (t_starts[index] + t_ends[index]))[:, None]
+    if with_features and hasattr(field, "encode"):
+        features = field.encode(at)
+        return (*field.decode(features, at), features)
+    return field(at)
+
+
 def render_rays(
     field,
     occupancy,
@@ -112,24 +126,33 @@ def render_rays(
     def midpoints_of(t_starts, t_ends, ray_indices):
         return origins[ray_indices] + directions[ray_indices] * (0.5 * (t_starts + t_ends))[:, None]
 
-    if torch.is_grad_enabled() or normals:
-        # Two passes: densities without gradients decide where rays stop, so that
-        # the costly pass with gradients only sees samples that contribute.
+    if normals:
+        # Two passes: densities without gradients decide where rays stop, then
+        # densities, colours and normals (a gradient of the density) of the rest.
         def sigma_fn(t_starts, t_ends, ray_indices):
             return field.density(midpoints_of(t_starts, t_ends, ray_indices))
 
         ray_indices, t_starts, t_ends = occupancy.sample(origins, directions, step, stratified, sigma_fn=sigma_fn, generator=generator)
-        midpoints = midpoints_of(t_starts, t_ends, ray_indices)
-        if normals:
-            density, albedo, normal = field.density_and_normal(midpoints, create_graph=torch.is_grad_enabled())
-        else:
-            density, albedo = field(midpoints)
+        density, albedo, normal = field.density_and_normal(midpoints_of(t_starts, t_ends, ray_indices), create_graph=torch.is_grad_enabled())
     else:
-        # Without gradients one pass does: the field at every occupied step, then the same early stop.
+        # The field without gradients front to back until each ray is opaque (nerfacc's
+        # early stop), and when training the same values again, with gradients.
         ray_indices, t_starts, t_ends = occupancy.sample(origins, directions, step, stratified, generator=generator)
-        density, albedo = field(midpoints_of(t_starts, t_ends, ray_indices))
-        alive = before_opaque(density, t_starts, t_ends, ray_indices, n_rays)
-        ray_indices, t_starts, t_ends, density, albedo = ray_indices[alive], t_starts[alive], t_ends[alive], density[alive], albedo[alive]
+        training = torch.is_grad_enabled()
+        features = None
+        if ray_indices.numel():
+            evaluate = partial(_field_at, field, origins, directions, ray_indices, t_starts, t_ends, training)
+            with torch.no_grad():
+                index, density, albedo, *features = evaluate_until_opaque(evaluate, t_starts, t_ends, ray_indices, n_rays)
+            ray_indices, t_starts, t_ends = ray_indices[index], t_starts[index], t_ends[index]
+        else:
+            density, albedo = field(midpoints_of(t_starts, t_ends, ray_indices))
+        if training:
+            midpoints = midpoints_of(t_starts, t_ends, ray_indices)
+            if features:
+                density, albedo = field.decode(field.encode_again(features[0], midpoints), midpoints)
+            else:
+                density, albedo = field(midpoints)
     values = {"rgb": albedo, "depth": (0.5 * (t_starts + t_ends))[:, None]}
     if normals:
         values["normal"] = normal
@@ -173,8 +196,23 @@ def render_images(
     generator: Optional[torch.Generator] = None,
     surface_opacity: Optional[float] = None,
 ) -> ImageBatch:
-    """Render whole views. With gradients on, one pass; without, in chunks of ``cfg.chunk_rays``."""
+    """Render whole views [N, resolution, resolution] from ``cameras`` (see :func:`render_ray_images`)."""
     origins, directions = generate_rays(cameras, resolution)
+    return render_ray_images(field, occupancy, origins, directions, cfg, stratified, normals, generator, surface_opacity)
+
+
+def render_ray_images(
+    field,
+    occupancy,
+    origins: torch.Tensor,
+    directions: torch.Tensor,
+    cfg: RenderConfig,
+    stratified: bool = False,
+    normals: bool = False,
+    generator: Optional[torch.Generator] = None,
+    surface_opacity: Optional[float] = None,
+) -> ImageBatch:
+    """Render images of rays ``origins``, ``directions`` [N, H, W, 3]; with gradients in one pass, without in chunks of ``cfg.chunk_rays``."""
     shape = origins.shape[:3]
     origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
     background = torch.as_tensor(cfg.background, dtype=torch.float32, device=origins.device)

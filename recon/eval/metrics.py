@@ -1,4 +1,4 @@
-"""Geometry and image metrics of the GSO benchmark (SyncDreamer protocol, DESIGN.md).
+"""Geometry and image metrics: the primitives that :mod:`recon.eval.score` combines into protocols.
 
 Geometry (numpy / scipy, float64, on the CPU):
 
@@ -8,8 +8,8 @@ Geometry (numpy / scipy, float64, on the CPU):
 * Volume IoU of the two solids on a ``resolution^3`` grid of voxel centres.
 
 None of these renormalise: both meshes must already be in the same frame
-(for GSO, each normalised with :func:`normalize_to_unit_cube`, then aligned as
-the caller's protocol says). Chamfer and F-score thresholds are in that
+(for GSO, the truth normalised with :func:`recon.mesh.data.normalize_to_unit_cube`
+and the reconstruction mapped into its frame). Chamfer and F-score thresholds are in that
 frame's units.
 
 Images ([N, H, W, 3] or [H, W, 3], floats in [0, 1], numpy or torch): PSNR,
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from recon.config import EvalConfig
 from recon.mesh.data import MeshData
 
 # Half side of the volume-IoU grid. Unit-cube meshes span [-0.5, 0.5]; the 10%
@@ -53,24 +52,6 @@ def _triangles(mesh: MeshData) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- geometry
-
-
-def normalize_to_unit_cube(mesh: MeshData) -> Tuple[MeshData, float, np.ndarray]:
-    """Centre the bounding box at the origin and scale its longest side to 1.
-
-    Returns ``(normalised mesh, scale, offset)`` with
-    ``normalised_vertices = vertices * scale + offset``, so a caller can map
-    other geometry (a reconstruction in the same frame) the same way.
-    """
-    vertices = _numpy(mesh.vertices)
-    low, high = vertices.min(axis=0), vertices.max(axis=0)
-    extent = float((high - low).max())
-    if extent <= 0.0:
-        raise ValueError("cannot normalise a mesh whose vertices all coincide")
-    scale = 1.0 / extent
-    offset = -0.5 * (low + high) * scale
-    new_vertices = torch.as_tensor(vertices * scale + offset, dtype=mesh.vertices.dtype, device=mesh.vertices.device)
-    return mesh.with_vertices(new_vertices), scale, offset
 
 
 def sample_surface(mesh: MeshData, n: int, seed: int = 0) -> np.ndarray:
@@ -116,15 +97,16 @@ def voxel_centres(resolution: int, bound: float = IOU_BOUND) -> np.ndarray:
     return -bound + (np.arange(resolution) + 0.5) * size
 
 
-def _parity_along(triangles: np.ndarray, axis: int, resolution: int, bound: float, max_pairs: int) -> np.ndarray:
-    """Inside test by ray parity: rays along ``axis`` through every grid column.
+def _parity_along(triangles: np.ndarray, axis: int, centres: np.ndarray, max_pairs: int) -> np.ndarray:
+    """Inside test by ray parity: rays along ``axis`` through every column of the grid ``centres`` [R]^3.
 
-    A voxel is inside when an odd number of triangle crossings lie beyond its
-    centre along the ray. Returns a bool grid indexed [x, y, z].
+    ``centres`` are the (uniformly spaced) sample coordinates along each axis.
+    A sample is inside when an odd number of triangle crossings lie beyond it
+    along the ray. Returns a bool grid indexed [x, y, z].
     """
     u_axis, v_axis = [a for a in range(3) if a != axis]
-    size = 2.0 * bound / resolution
-    centres = voxel_centres(resolution, bound)
+    resolution = len(centres)
+    size = float(centres[1] - centres[0])
     # Move the rays off the grid lines by a tiny amount: axis-aligned meshes
     # (cubes, boxes) would otherwise put rays exactly on shared edges, where
     # the crossing would be counted twice or not at all.
@@ -189,29 +171,45 @@ def occupancy_grid(mesh: MeshData, resolution: int = 64, bound: float = IOU_BOUN
     axes vote and the majority wins.
     """
     triangles = _triangles(mesh)
-    votes = sum(_parity_along(triangles, axis, resolution, bound, max_pairs).astype(np.int8) for axis in range(3))
+    centres = voxel_centres(resolution, bound)
+    votes = sum(_parity_along(triangles, axis, centres, max_pairs).astype(np.int8) for axis in range(3))
     return votes >= 2
+
+
+def inside_along_x(mesh: MeshData, coordinates: np.ndarray, max_pairs: int = 4_000_000) -> np.ndarray:
+    """Which points of the grid ``coordinates`` [R]^3 lie inside the mesh, by the parity of crossings along x only.
+
+    The sign rule of SDFGen's ``make_level_set3`` (which mesh2sdf, and so
+    SyncDreamer's volume IoU, uses). Bool array indexed [x, y, z].
+    """
+    return _parity_along(_triangles(mesh), 0, np.asarray(coordinates, dtype=np.float64), max_pairs)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool grids (0 when both are empty)."""
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b) / union) if union else 0.0
+
+
+def voxel_downsample(points: np.ndarray, voxel: float) -> np.ndarray:
+    """The mean of the points [N, 3] in each occupied voxel of side ``voxel``: [M, 3].
+
+    The voxels are open3d's ``voxel_down_sample`` grid: aligned to the cloud's
+    minimum corner less half a voxel.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    if len(points) == 0:
+        return points.reshape(0, 3)
+    keys = np.floor((points - (points.min(axis=0) - 0.5 * voxel)) / voxel).astype(np.int64)
+    _, group = np.unique(keys, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    counts = np.bincount(group)
+    return np.stack([np.bincount(group, weights=points[:, axis]) for axis in range(3)], axis=1) / counts[:, None]
 
 
 def volume_iou(mesh_a: MeshData, mesh_b: MeshData, resolution: int = 64, bound: float = IOU_BOUND) -> float:
     """Intersection over union of the two solids' occupancy grids (see :func:`occupancy_grid`)."""
-    a = occupancy_grid(mesh_a, resolution, bound)
-    b = occupancy_grid(mesh_b, resolution, bound)
-    union = np.count_nonzero(a | b)
-    if union == 0:
-        return 0.0
-    return float(np.count_nonzero(a & b) / union)
-
-
-def mesh_metrics(pred: MeshData, gt: MeshData, cfg: EvalConfig, seed: int = 0) -> Dict[str, float]:
-    """Chamfer, volume IoU and F-score of ``pred`` against ``gt``; both must be in the same frame."""
-    points_pred = sample_surface(pred, cfg.n_surface_points, seed=seed)
-    points_gt = sample_surface(gt, cfg.n_surface_points, seed=seed + 1)  # independent draws
-    return {
-        "chamfer": chamfer_distance(points_pred, points_gt),
-        "volume_iou": volume_iou(pred, gt, resolution=cfg.iou_resolution),
-        "fscore": fscore(points_pred, points_gt, cfg.fscore_threshold),
-    }
+    return iou(occupancy_grid(mesh_a, resolution, bound), occupancy_grid(mesh_b, resolution, bound))
 
 
 # ----------------------------------------------------------------------------- images
