@@ -1,6 +1,6 @@
 """Cameras: pose math, rays, projection and view sampling.
 
-Conventions (DESIGN.md, must not drift):
+Conventions (docs/design.md, "Cameras"; they must not drift):
 
 * World: right-handed, +z up, object centred at the origin.
 * A camera at (elevation E, azimuth A, distance d), degrees, sits at

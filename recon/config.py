@@ -110,21 +110,18 @@ class FitConfig:
 
 @dataclass
 class ExtractConfig:
-    """Density grid -> marching cubes -> clean mesh."""
+    """Fitted field -> clean mesh (recon/mesh/extract.py; docs/design.md, "Extraction")."""
 
-    resolution: int = 256
-    threshold: Optional[float] = None  # density iso-level; None picks it automatically
-    min_component_ratio: float = 0.02  # drop components smaller than this share of faces
+    method: str = "carve"  # "carve" (space carving from depth renders) or "density" (a density level)
+    resolution: int = 256  # fine-grid samples along the object's longest side
+    threshold: Optional[float] = None  # density level for method=density; None: the automatic level
+    min_component_ratio: float = 0.02  # drop components smaller than this share of the largest one's faces
     max_faces: Optional[int] = None  # decimate to this face budget when set
-    smoothing: float = 1.0  # blur of a density level's solid before meshing, in voxels (0: mesh the raw density)
-    # Carving (the default when no threshold is set): the solid is what 32 depth renders show.
-    # The margin is kept in front of each render's depth, which a soft field puts behind its
-    # true surface where rays graze it. Mesh PSNR on CPU-preset fits: the pebble's silhouette
-    # shrinks below 1.5 (34.6 dB at 1.5, 29.4 at 1.0); the crate's faces swell above 1.0
-    # (23.8 dB at 1.0, 23.1 at 1.5). 1.5 is the smallest margin that keeps smooth objects whole.
+    smoothing: float = 1.0  # method=density: blur of the solid before meshing, in voxels (0: mesh the raw density)
+    # method=carve: the margin kept in front of each render's depth (which a soft field puts
+    # behind its true surface where rays graze it), and the resolution of the depth renders.
     carve_margin: float = 1.5  # voxels
-    carve_views_resolution: int = 128  # pixels a side of the depth renders
-
+    carve_views_resolution: int = 128  # pixels a side
 
 @dataclass
 class TextureConfig:

@@ -37,7 +37,7 @@ def _voxel(resolution, extent):
 
 
 def test_sphere_radius_orientation_and_closure():
-    mesh = extract_mesh(_smooth_ball(0.4), RADIUS, ExtractConfig(resolution=64, threshold=50.0))
+    mesh = extract_mesh(_smooth_ball(0.4), RADIUS, ExtractConfig(method="density", resolution=64, threshold=50.0))
     assert mesh.vertices.dtype == torch.float32 and mesh.faces.dtype == torch.int64
     distance = mesh.vertices.norm(dim=-1)
     voxel = _voxel(64, 0.8 + 4 * 2 * RADIUS / 64)  # the fine box: the ball plus the coarse padding
@@ -52,7 +52,7 @@ def test_sphere_radius_orientation_and_closure():
 
 def test_off_centre_object_maps_back_to_world():
     centre = (0.25, -0.1, 0.3)
-    mesh = extract_mesh(_ball(centre, 0.2), RADIUS, ExtractConfig(resolution=48))
+    mesh = extract_mesh(_ball(centre, 0.2), RADIUS, ExtractConfig(method="density", resolution=48))
     middle = (mesh.vertices.max(0).values + mesh.vertices.min(0).values) / 2
     assert torch.allclose(middle, torch.tensor(centre), atol=0.02)
 
@@ -62,38 +62,29 @@ def test_floater_removed_and_both_blobs_kept():
     density = lambda p: blob_a(p) + blob_b(p) + floater(p)  # noqa: E731
     # The floater has ~1% of a blob's faces, below the default 2%. No smoothing:
     # the blur alone would erase a floater this thin, and this tests the filter.
-    mesh = extract_mesh(density, RADIUS, ExtractConfig(resolution=64, smoothing=0.0))
+    mesh = extract_mesh(density, RADIUS, ExtractConfig(method="density", resolution=64, smoothing=0.0))
     vertices = mesh.vertices
     assert not ((vertices - torch.tensor([0, 0, 0.5])).norm(dim=-1) < 0.1).any()
     assert ((vertices - torch.tensor([-0.3, 0, 0])).norm(dim=-1) < 0.25).any()
     assert ((vertices - torch.tensor([0.3, 0, 0])).norm(dim=-1) < 0.25).any()
     assert len(_trimesh(mesh).split(only_watertight=False)) == 2
     # Without the filter, the floater is there: the test above can fail.
-    unfiltered = extract_mesh(density, RADIUS, ExtractConfig(resolution=64, min_component_ratio=0.0, smoothing=0.0))
+    unfiltered = extract_mesh(density, RADIUS, ExtractConfig(method="density", resolution=64, min_component_ratio=0.0, smoothing=0.0))
     assert ((unfiltered.vertices - torch.tensor([0, 0, 0.5])).norm(dim=-1) < 0.1).any()
 
 
 def test_enclosed_cavity_is_filled():
     """A hollow shell meshes as a solid ball: SDS never sees inside, so the asset is its outer surface."""
     density = lambda p: 50.0 * ((p.norm(dim=-1) < 0.4) & (p.norm(dim=-1) > 0.25)).float()  # noqa: E731
-    mesh = extract_mesh(density, RADIUS, ExtractConfig(resolution=64, min_component_ratio=0.0))
+    mesh = extract_mesh(density, RADIUS, ExtractConfig(method="density", resolution=64, min_component_ratio=0.0))
     tm = _trimesh(mesh)
     assert tm.volume == pytest.approx(4 / 3 * math.pi * 0.4**3, rel=0.05)
     assert len(tm.split(only_watertight=False)) == 1 and mesh.vertices.norm(dim=-1).min() > 0.35
 
 
-def test_surface_points_set_the_level():
-    """With rendered surface points, the level is the density there: a soft blob meshes at that radius."""
-    blob = lambda p: 100.0 * torch.exp(-((p.norm(dim=-1) / 0.25) ** 2))  # noqa: E731
-    direction = torch.nn.functional.normalize(torch.randn(500, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
-    for radius in (0.2, 0.3):
-        mesh = extract_mesh(blob, RADIUS, ExtractConfig(resolution=64), surface_points=direction * radius)
-        assert (mesh.vertices.norm(dim=-1) - radius).abs().mean() < 0.02
-
-
 def test_surface_closes_at_the_box_boundary():
     """An object filling the whole box still gives a closed surface (the padding)."""
-    mesh = extract_mesh(lambda p: torch.full_like(p[:, 0], 50.0), RADIUS, ExtractConfig(resolution=32))
+    mesh = extract_mesh(lambda p: torch.full_like(p[:, 0], 50.0), RADIUS, ExtractConfig(method="density", resolution=32))
     tm = _trimesh(mesh)
     assert tm.is_watertight and tm.volume > 0
     assert mesh.vertices.abs().max() <= RADIUS + 1e-5
@@ -101,9 +92,9 @@ def test_surface_closes_at_the_box_boundary():
 
 
 def test_decimation_honours_max_faces():
-    full = extract_mesh(_smooth_ball(0.4), RADIUS, ExtractConfig(resolution=64))
+    full = extract_mesh(_smooth_ball(0.4), RADIUS, ExtractConfig(method="density", resolution=64))
     assert len(full.faces) > 4000
-    mesh = extract_mesh(_smooth_ball(0.4), RADIUS, ExtractConfig(resolution=64, max_faces=1500))
+    mesh = extract_mesh(_smooth_ball(0.4), RADIUS, ExtractConfig(method="density", resolution=64, max_faces=1500))
     assert 1000 < len(mesh.faces) <= 1500
     tm = _trimesh(mesh)
     assert tm.volume > 0 and tm.is_winding_consistent
@@ -123,7 +114,7 @@ def test_auto_threshold_rule():
 
 def test_auto_threshold_on_scaled_occupancy():
     """sigma = 50 * inside: the level falls between the two values; the surface is the ball's."""
-    mesh = extract_mesh(_ball((0, 0, 0), 0.4), RADIUS, ExtractConfig(resolution=64))
+    mesh = extract_mesh(_ball((0, 0, 0), 0.4), RADIUS, ExtractConfig(method="density", resolution=64))
     voxel = _voxel(64, 0.8 + 4 * 2 * RADIUS / 64)
     assert (mesh.vertices.norm(dim=-1) - 0.4).abs().max() < voxel
     assert _trimesh(mesh).is_watertight
@@ -133,7 +124,7 @@ def test_auto_threshold_on_gaussian_blob():
     """A soft blob's surface is its half-maximum contour: r = s sqrt(2 ln 2)."""
     s = 0.15
     density = lambda p: 10.0 * torch.exp(-(p**2).sum(-1) / (2 * s**2))  # noqa: E731
-    mesh = extract_mesh(density, RADIUS, ExtractConfig(resolution=64))
+    mesh = extract_mesh(density, RADIUS, ExtractConfig(method="density", resolution=64))
     distance = mesh.vertices.norm(dim=-1)
     assert (distance - s * math.sqrt(2 * math.log(2))).abs().max() < 0.01
 
@@ -142,7 +133,7 @@ def test_auto_threshold_on_sharp_dense_blob():
     """A dense field: the surface is where one voxel becomes half opaque, outside the half-maximum."""
     s = 0.15
     density = lambda p: 1e4 * torch.exp(-(p**2).sum(-1) / (2 * s**2))  # noqa: E731
-    mesh = extract_mesh(density, RADIUS, ExtractConfig(resolution=64))
+    mesh = extract_mesh(density, RADIUS, ExtractConfig(method="density", resolution=64))
     radius = float(mesh.vertices.norm(dim=-1).mean())
     assert radius > s * math.sqrt(2 * math.log(2)) + 0.05
     # The density at the surface is ln 2 per voxel for a voxel of the fine grid.
@@ -161,12 +152,12 @@ def test_auto_threshold_on_sharp_dense_blob():
 )
 def test_empty_field_is_a_clear_error(density, threshold):
     with pytest.raises(ReconError, match="the field is empty"):
-        extract_mesh(density, RADIUS, ExtractConfig(resolution=32, threshold=threshold))
+        extract_mesh(density, RADIUS, ExtractConfig(method="density", resolution=32, threshold=threshold))
 
 
 def test_nan_density_reads_as_empty():
     with pytest.raises(ReconError, match="empty"):
-        extract_mesh(lambda p: torch.full((len(p),), float("nan")), RADIUS, ExtractConfig(resolution=16))
+        extract_mesh(lambda p: torch.full((len(p),), float("nan")), RADIUS, ExtractConfig(method="density", resolution=16))
 
 
 def test_sample_grid_chunks_index_points_correctly():
@@ -222,9 +213,9 @@ def test_carving_from_rendered_depth_recovers_the_shape():
     assert (mesh.vertices.norm(dim=-1) - 0.35).abs().mean() < 0.015
 
 
-def test_explicit_threshold_ignores_views():
+def test_the_density_method_ignores_views():
     views = _sphere_depth_views(0.35)
-    mesh = extract_mesh(_ball((0, 0, 0), 0.2), RADIUS, ExtractConfig(resolution=48, threshold=25.0), views=views)
+    mesh = extract_mesh(_ball((0, 0, 0), 0.2), RADIUS, ExtractConfig(method="density", resolution=48, threshold=25.0), views=views)
     assert (mesh.vertices.norm(dim=-1) - 0.2).abs().mean() < 0.02
 
 

@@ -153,6 +153,12 @@ def _run_in_process(todo: List[Path], run_one, record) -> None:
         record(run_one(path))
 
 
+# Each task gets one CPU, and its worker process one compute thread: OpenMP's idle
+# threads busy-wait, so two workers with a thread pool each on two cores ran
+# several times slower than one worker alone.
+TASK_ENV = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def _run_on_ray(todo: List[Path], run_one, record, ray_address: Optional[str], log) -> None:
     try:
         import ray
@@ -165,7 +171,7 @@ def _run_on_ray(todo: List[Path], run_one, record, ray_address: Optional[str], l
         gpus = ray.cluster_resources().get("GPU", 0)
         # One object per task; a task that dies (worker crash, out of memory) is
         # recorded as failed rather than retried, like any other failure.
-        task = ray.remote(num_gpus=1 if gpus > 0 else 0, max_retries=0)(run_one)
+        task = ray.remote(num_cpus=1, num_gpus=1 if gpus > 0 else 0, max_retries=0, runtime_env={"env_vars": TASK_ENV})(run_one)
         log(f"ray: {len(todo)} object(s) on {ray.cluster_resources().get('CPU', 0):g} CPU(s), {gpus:g} GPU(s)")
         pending = {task.remote(path): (gso.object_name(path), time.monotonic()) for path in todo}
         while pending:

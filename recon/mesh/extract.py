@@ -1,62 +1,52 @@
-"""Density field -> clean triangle mesh (marching cubes).
+"""Fitted field -> clean triangle mesh: a solid sampled on a grid, then marching cubes.
 
-Two passes over the field: a coarse grid over the whole box [-r, r]^3 finds
-where the object is, then a fine grid of ``cfg.resolution`` samples along the
-longest side covers just that region, so the resolution is spent on the object
-and not on empty space. The fine grid is padded with one layer of empty
-samples, so the surface closes where the object touches the box.
+Two ways to get the solid, one way to mesh it (docs/design.md, "Extraction"):
 
-Choosing the iso-level (``auto_threshold``)
--------------------------------------------
-A NeRF density is an opacity per unit length: a step of length ``s`` through
-density ``sigma`` has alpha ``1 - exp(-sigma * s)``. What a volume renderer
-shows as "the surface" is where a ray becomes half absorbed. So the automatic
-level is the density at which a thin shell becomes half opaque, with the
-length scale clamped to what the grid can resolve:
+* :func:`solid_from_views` (``extract.method=carve``, the default): space
+  carving from depth and opacity renders of the field. A field fitted by SDS
+  is soft and leaky inside, so no density level is the surface its renders
+  show; the carved solid is exactly the shape the renders agree on.
+* :func:`solid_from_density` (``extract.method=density``): the region where the
+  density exceeds ``extract.threshold`` (or the automatic level of
+  :func:`auto_threshold`).
+* :func:`mesh_from_solid`: enclosed voids filled, marching cubes, cleaning,
+  small components dropped, decimation to ``extract.max_faces``, outward
+  winding.
 
-* upper bound ``ln 2 / voxel``: one voxel of it is already half opaque. A
-  trained NeRF rises through this level within a few hash-grid cells, so the
-  surface lands where a renderer puts it, at the resolution the mesh has.
-* otherwise half the peak density: soft fields (a Gaussian blob, the density
-  bias at the start of a fit, a 0/s occupancy with small s) never reach the
-  upper bound; their half-maximum contour is their natural extent (the FWHM of
-  a blob; halfway between the two values of an occupancy, which marching cubes
-  turns into the midpoint between the inside and outside samples).
-* lower bound ``ln 2 / box_size``: a density that is not half opaque even
-  across the whole box renders as (nearly) nothing, so it is never a surface;
-  a field whose peak is below this is reported as empty instead of meshing noise.
+Either strategy samples twice: a coarse grid over the whole box [-r, r]^3
+finds where the object is, then a fine grid of ``extract.resolution`` samples
+along the longest side covers just that region, so the resolution is spent on
+the object. The fine grid is padded with one layer of empty samples, so the
+surface closes where the object touches the box.
 
-Carving from the renders (``carve_values``, the pipeline's default)
--------------------------------------------------------------------
-A field fitted by SDS is soft and leaky, so no density level is the surface
-its renders show. Given depth and opacity renders from all around, each fine
-sample instead gets a value in [0, 1] with the surface at 0.5: per view the
-smaller of an opacity term and a ramp on how far the sample lies behind the
-rendered depth, then the minimum over views. Being continuous, it lets
-marching cubes put vertices between samples; on the self-check's pebble this
-took the mesh from 32.5 to 34.3 dB PSNR (field: 35.1 dB), against meshing a
-binary carved solid blurred by a voxel.
+Carving values. Each sample gets, per view that sees it, the smaller of an
+opacity term and a depth term, then the minimum over the views; the surface
+is at 0.5. Both terms read the soft field below half opacity, because a view
+can only remove material: a view whose depth lies behind the true surface
+would shave it off although every other view agrees on it.
 
-The two terms read a soft field at levels below one half, because every view
-can only carve: a view whose depth lies behind the true surface shaves it off
-even when all the others agree on it.
+* Depth: where the ray's opacity first reaches ``CARVE_DEPTH_OPACITY``. On a
+  crisp surface that is the surface; a grazing ray through a soft fringe gets
+  there before it gets to one half, so smooth silhouettes keep their edge.
+* Silhouette: a pixel is solid from ``CARVE_SILHOUETTE_OPACITY`` on, so the
+  fringe of a soft silhouette stays inside.
 
-* Depth: where a ray's opacity first reaches ``CARVE_DEPTH_OPACITY`` (0.25).
-  On a crisp surface that is the surface; a grazing ray through a soft fringe
-  gets there sooner than it gets to one half, so the silhouettes of smooth
-  objects are not shaved.
-* Silhouette: a pixel counts as solid from ``CARVE_SILHOUETTE_OPACITY`` (0.2)
-  on, so the fringe of a soft field's silhouette stays inside.
+The values are continuous (bilinear in the views' pixels, a ramp in depth),
+so marching cubes puts vertices between samples and needs no blur.
 
-Measured on fixed CPU-preset fits (mesh PSNR), against the previous
-half-opacity depth min-pooled over 3x3 pixels: crate 22.8 -> 23.1 dB, torus
-24.6 -> 25.9 dB (the min-pool filled part of its hole), pebble 34.5 -> 34.6 dB.
+Automatic density level (``auto_threshold``). A NeRF density is an opacity per
+unit length: a step of length ``s`` through density ``sigma`` has alpha
+``1 - exp(-sigma s)``. The level is where a thin shell becomes half opaque,
+with the length scale clamped to what the grid resolves: at most
+``ln 2 / voxel`` (one voxel of it is already half opaque), otherwise half the
+peak (the natural extent of a soft blob), and never below ``ln 2 / box_size``
+(a density that is not half opaque across the whole box renders as nothing;
+a field whose peak is below it is reported empty).
 
 Orientation: pymcubes emits triangles counter-clockwise seen from the side of
-lower values when the inside holds the higher values, i.e. normals point from
-dense to empty, which is outward for a density. Marching cubes on a closed
-(padded) grid is consistently wound by construction, so orientation is only
-re-checked after decimation, which may flip a few faces.
+lower values when the inside holds the higher values, so normals point out.
+Marching cubes on a closed (padded) grid is consistently wound, so winding is
+only re-checked after decimation, which may flip a few faces.
 """
 
 from __future__ import annotations
@@ -64,7 +54,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import fast_simplification
 import mcubes
@@ -84,6 +74,13 @@ log = logging.getLogger(__name__)
 
 DensityFn = Callable[[torch.Tensor], torch.Tensor]
 
+COARSE_RESOLUTION = 64  # samples a side of the first pass over the whole box
+COARSE_PADDING = 2  # coarse cells added around the occupied region
+CARVED_LEVEL = 0.5  # the surface of the carving values
+CARVE_RAMP = 2.0  # voxels over which the depth test goes from empty to solid
+CARVE_DEPTH_OPACITY = 0.25  # a view's surface is where its rays reach this opacity
+CARVE_SILHOUETTE_OPACITY = 0.2  # pixels at least this opaque are inside the silhouette
+
 
 @dataclass
 class DepthViews:
@@ -93,13 +90,96 @@ class DepthViews:
     distance: torch.Tensor  # [N, H, W] distance along each ray to where it reaches CARVE_DEPTH_OPACITY (inf: never)
     opacity: torch.Tensor  # [N, H, W]
 
-COARSE_RESOLUTION = 64  # samples a side of the first pass over the whole box
-COARSE_PADDING = 2  # coarse cells added around the occupied region
-SURFACE_QUANTILE = 0.02  # share of rendered surface points allowed to fall outside the mesh
-CARVED_LEVEL = 0.5  # the surface of the carving values
-CARVE_RAMP = 2.0  # voxels over which the depth test goes from empty to solid
-CARVE_DEPTH_OPACITY = 0.25  # a view's surface is where its rays reach this opacity (module notes)
-CARVE_SILHOUETTE_OPACITY = 0.2  # pixels at least this opaque are inside the silhouette
+
+@dataclass
+class SampledSolid:
+    """A solid sampled on a regular grid: ``values`` above ``level`` are inside."""
+
+    values: np.ndarray  # [X, Y, Z] float32
+    level: float
+    low: np.ndarray  # [3] world position of sample (0, 0, 0)
+    voxel: float  # spacing of the samples
+
+
+def extract_mesh(density_fn: DensityFn, radius: float, cfg: ExtractConfig, views: DepthViews = None, chunk: int = 262144, device=None) -> MeshData:
+    """The field's mesh: carved from ``views`` (``cfg.method == "carve"``) or cut at a density level.
+
+    ``density_fn`` maps world points [P, 3] to densities [P] (for the density
+    strategy); ``radius`` is the half side of the field's box.
+    """
+    if cfg.method == "carve":
+        if views is None:
+            raise ValueError("extract.method=carve needs the field's depth views")
+        solid = solid_from_views(views, radius, cfg)
+    else:
+        solid = solid_from_density(density_fn, radius, cfg, chunk, device)
+    return mesh_from_solid(solid, cfg)
+
+
+def solid_from_views(views: DepthViews, radius: float, cfg: ExtractConfig) -> SampledSolid:
+    """Carving values (see the module notes) on a fine grid over the region the views leave solid."""
+    coarse_cell = 2.0 * radius / COARSE_RESOLUTION
+    coarse_low = np.full(3, -radius + 0.5 * coarse_cell)
+    coarse = carve_values(_grid_points(coarse_low, coarse_cell, (COARSE_RESOLUTION,) * 3), views, margin=cfg.carve_margin * coarse_cell, ramp=CARVE_RAMP * coarse_cell)
+    low, high = _occupied_box(coarse.reshape((COARSE_RESOLUTION,) * 3).cpu().numpy(), CARVED_LEVEL, coarse_low, coarse_cell, radius)
+    voxel, shape = _fine_grid(low, high, cfg.resolution)
+    values = carve_values(_grid_points(low, voxel, shape), views, margin=cfg.carve_margin * voxel, ramp=CARVE_RAMP * voxel)
+    log.info("extract: carved from %d views, grid %s, voxel %.4g", len(views.cameras), shape, voxel)
+    return SampledSolid(values.reshape(shape).cpu().numpy().astype(np.float32), CARVED_LEVEL, low, voxel)
+
+
+def solid_from_density(density_fn: DensityFn, radius: float, cfg: ExtractConfig, chunk: int = 262144, device=None) -> SampledSolid:
+    """The field's density on a fine grid over the region above the level (``cfg.threshold``, else automatic).
+
+    With ``cfg.smoothing`` > 0 the solid is the inside/outside grid blurred by
+    that many voxels and cut at one half: a field fitted by SDS is noisy at the
+    voxel scale, and its raw level set comes out rough.
+    """
+    device = device if device is not None else _device_of(density_fn)
+    box_size = 2.0 * radius
+    coarse_cell = box_size / COARSE_RESOLUTION
+    coarse_low = np.full(3, -radius + 0.5 * coarse_cell)
+    coarse = sample_grid(density_fn, coarse_low, coarse_cell, (COARSE_RESOLUTION,) * 3, chunk, device)
+    # The coarse level can only be lower than the fine one (a bigger voxel, a peak
+    # sampled no higher), so the box it finds contains the fine surface.
+    coarse_level = cfg.threshold if cfg.threshold is not None else auto_threshold(coarse, coarse_cell, box_size)
+    low, high = _occupied_box(coarse, coarse_level, coarse_low, coarse_cell, radius)
+    voxel, shape = _fine_grid(low, high, cfg.resolution)
+    fine = sample_grid(density_fn, low, voxel, shape, chunk, device)
+    level = cfg.threshold if cfg.threshold is not None else auto_threshold(fine, voxel, box_size)
+    log.info("extract: iso-level %.4g (peak density %.4g), grid %s, voxel %.4g", level, fine.max(), shape, voxel)
+    if not (fine > level).any():
+        raise _empty(level, fine, radius)
+    if cfg.smoothing > 0:
+        inside = (fill_enclosed(fine, level) > level).astype(np.float32)
+        fine = scipy.ndimage.gaussian_filter(inside, sigma=cfg.smoothing)
+        level = 0.5
+    return SampledSolid(fine, level, low, voxel)
+
+
+def mesh_from_solid(solid: SampledSolid, cfg: ExtractConfig) -> MeshData:
+    """Marching cubes of a sampled solid, cleaned, filtered, decimated and wound outwards."""
+    values, level, low, voxel = solid.values, solid.level, solid.low, solid.voxel
+    if not (values > level).any():
+        raise _empty(level, values, float(np.abs(low).max()))
+    values = fill_enclosed(values, level)
+    # One layer of empty samples around the grid closes the surface at the box.
+    outside = 0.0 if level > 0 else level - 1.0
+    vertices, faces = mcubes.marching_cubes(np.pad(values, 1, mode="constant", constant_values=outside), level)
+    vertices = (vertices - 1.0) * voxel + low  # grid index -> world
+    # Where the object touches the sampled box, the closing cap would sit half
+    # a voxel outside it, in a region the field never saw: put it on the box.
+    vertices = np.clip(vertices, low, low + (np.array(values.shape) - 1) * voxel)
+
+    mesh = _clean(trimesh.Trimesh(vertices, faces.astype(np.int64), process=False))
+    mesh = _drop_small_components(mesh, cfg.min_component_ratio)
+    if cfg.max_faces is not None and len(mesh.faces) > cfg.max_faces:
+        mesh = _decimate(mesh, cfg.max_faces)
+    _orient_outward(mesh)
+    return MeshData(
+        vertices=torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32),
+        faces=torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64),
+    )
 
 
 def auto_threshold(density, voxel_size: float, box_size: float) -> float:
@@ -113,99 +193,6 @@ def auto_threshold(density, voxel_size: float, box_size: float) -> float:
     opaque_in_one_voxel = math.log(2.0) / voxel_size
     opaque_across_box = math.log(2.0) / box_size
     return max(min(0.5 * peak, opaque_in_one_voxel), opaque_across_box)
-
-
-def extract_mesh(
-    density_fn: DensityFn,
-    radius: float,
-    cfg: ExtractConfig,
-    chunk: int = 262144,
-    device=None,
-    surface_points: Optional[torch.Tensor] = None,
-    views: Optional[DepthViews] = None,
-) -> MeshData:
-    """Mesh of the region where ``density_fn`` exceeds the iso-level.
-
-    ``surface_points`` (optional, [P, 3]): where rendered rays end on opaque
-    pixels (expected depth). With no ``cfg.threshold``, the iso-level is then
-    a low quantile of the density there (:func:`threshold_at_surface`).
-
-    ``views`` (optional): depth and opacity renders of the field. With no
-    ``cfg.threshold`` the solid is then carved from them (:func:`carve_values`)
-    instead of cut at a density level: the mesh is the shape the renders show,
-    however soft or leaky the density inside it is.
-
-    ``density_fn`` maps world points [P, 3] (float32, on ``device``) to
-    densities [P]; it is called under ``torch.no_grad`` on at most ``chunk``
-    points at a time. ``device=None`` uses the device of the module that
-    ``density_fn`` is a method of (``field.density``), else the CPU.
-    Raises :class:`ReconError` when the field is empty.
-    """
-    device = device if device is not None else _device_of(density_fn)
-    box_size = 2.0 * radius
-
-    # Coarse pass over the whole box, sampled at cell centres.
-    coarse_cell = box_size / COARSE_RESOLUTION
-    coarse_low = np.full(3, -radius + 0.5 * coarse_cell)
-    coarse = sample_grid(density_fn, coarse_low, coarse_cell, (COARSE_RESOLUTION,) * 3, chunk, device)
-    # The coarse level can only be lower than the fine one (a bigger voxel,
-    # a peak sampled no higher), so the box it finds contains the fine surface.
-    surface_level = None
-    if cfg.threshold is None and surface_points is not None and len(surface_points):
-        surface_level = threshold_at_surface(density_fn, surface_points.to(device), box_size, chunk)
-    coarse_level = cfg.threshold if cfg.threshold is not None else (surface_level or auto_threshold(coarse, coarse_cell, box_size))
-    occupied = np.argwhere(coarse > coarse_level)
-    if len(occupied) == 0:
-        raise _empty(coarse_level, coarse, radius)
-    low = np.maximum(coarse_low + (occupied.min(0) - COARSE_PADDING) * coarse_cell, -radius)
-    high = np.minimum(coarse_low + (occupied.max(0) + COARSE_PADDING) * coarse_cell, radius)
-
-    # Fine pass: isotropic voxels, ``resolution`` samples along the longest side.
-    voxel = float((high - low).max()) / (cfg.resolution - 1)
-    shape = tuple(int(n) for n in np.floor((high - low) / voxel + 1e-6).astype(int) + 1)
-    carved = views is not None and cfg.threshold is None
-    if carved:
-        # Mesh what the renders show. The carving values are continuous (0.5
-        # on the surface, interpolated from the views' pixels), so marching
-        # cubes places vertices between samples and needs no blur; the
-        # density itself is not sampled again.
-        centres = np.stack(np.meshgrid(*(low[a] + voxel * np.arange(shape[a]) for a in range(3)), indexing="ij"), axis=-1)
-        values = carve_values(torch.as_tensor(centres.reshape(-1, 3), dtype=torch.float32), views, margin=cfg.carve_margin * voxel, ramp=CARVE_RAMP * voxel)
-        fine, level = values.reshape(shape).cpu().numpy().astype(np.float32), CARVED_LEVEL
-        log.info("extract: carved from %d views, grid %s, voxel %.4g", len(views.cameras), shape, voxel)
-    else:
-        fine = sample_grid(density_fn, low, voxel, shape, chunk, device)
-        level = cfg.threshold if cfg.threshold is not None else (surface_level or auto_threshold(fine, voxel, box_size))
-        log.info("extract: iso-level %.4g (peak density %.4g), grid %s, voxel %.4g", level, fine.max(), shape, voxel)
-    if not (fine > level).any():
-        raise _empty(level, fine, radius)
-    fine = fill_enclosed(fine, level)
-    if not carved and cfg.smoothing > 0:
-        # Mesh the solid, not the raw density: a field fitted by SDS is noisy
-        # at the voxel scale, and its level set comes out rough (several times
-        # the true area, hundreds of thousands of faces). A blur of about one
-        # voxel of the inside/outside grid, cut at one half, keeps the surface
-        # within a voxel of the level set and smooth.
-        fine = scipy.ndimage.gaussian_filter((fine > level).astype(np.float32), sigma=cfg.smoothing)
-        level = 0.5
-    # One layer of empty samples around the grid closes the surface at the box.
-    outside = 0.0 if level > 0 else level - 1.0
-    padded = np.pad(fine, 1, mode="constant", constant_values=outside)
-    vertices, faces = mcubes.marching_cubes(padded, level)
-    vertices = (vertices - 1.0) * voxel + low  # grid index -> world
-    # Where the object touches the sampled box, the closing cap would sit half
-    # a voxel outside it, in a region the field never saw: put it on the box.
-    vertices = np.clip(vertices, low, low + (np.array(shape) - 1) * voxel)
-
-    mesh = _clean(trimesh.Trimesh(vertices, faces.astype(np.int64), process=False))
-    mesh = _drop_small_components(mesh, cfg.min_component_ratio)
-    if cfg.max_faces is not None and len(mesh.faces) > cfg.max_faces:
-        mesh = _decimate(mesh, cfg.max_faces)
-    _orient_outward(mesh)
-    return MeshData(
-        vertices=torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32),
-        faces=torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64),
-    )
 
 
 @torch.no_grad()
@@ -247,22 +234,27 @@ def carve_values(points: torch.Tensor, views: DepthViews, margin: float, ramp: f
     return value
 
 
-@torch.no_grad()
-def threshold_at_surface(density_fn: DensityFn, surface_points: torch.Tensor, box_size: float, chunk: int = 262144) -> float:
-    """Median density at rendered surface points: the level set that agrees with the renders' depth.
+def _grid_points(low: np.ndarray, spacing: float, shape: Tuple[int, int, int]) -> torch.Tensor:
+    """World positions [X * Y * Z, 3] of the samples ``low + (i, j, k) * spacing``, x slowest."""
+    axes = [torch.as_tensor(low[a] + spacing * np.arange(shape[a]), dtype=torch.float32) for a in range(3)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
 
-    A field trained by SDS is often soft: it reaches full opacity by
-    accumulating modest density over some depth, and a fixed level cuts a
-    ragged surface through that fog. Where rays end on average is where the
-    renders put the surface, so the level is read there. It never goes below
-    ``ln 2 / box_size`` (the density at which even a ray across the whole box
-    stays less than half opaque), so an empty field is still reported empty.
-    """
-    densities = torch.cat([density_fn(part).reshape(-1).float() for part in surface_points.split(chunk)])
-    # A low quantile, not the median: inside a soft surface the density dips
-    # below its value at the rays' ends, and a level above those dips leaves
-    # holes in the shell through which the unconstrained interior leaks out.
-    return max(float(torch.quantile(densities, SURFACE_QUANTILE)), math.log(2.0) / box_size)
+
+def _occupied_box(coarse: np.ndarray, level: float, coarse_low: np.ndarray, cell: float, radius: float):
+    """(low, high) world corners of the coarse samples above ``level``, padded, within the box."""
+    occupied = np.argwhere(coarse > level)
+    if len(occupied) == 0:
+        raise _empty(level, coarse, radius)
+    low = np.maximum(coarse_low + (occupied.min(0) - COARSE_PADDING) * cell, -radius)
+    high = np.minimum(coarse_low + (occupied.max(0) + COARSE_PADDING) * cell, radius)
+    return low, high
+
+
+def _fine_grid(low: np.ndarray, high: np.ndarray, resolution: int):
+    """(voxel, shape) of isotropic samples with ``resolution`` along the longest side of [low, high]."""
+    voxel = float((high - low).max()) / (resolution - 1)
+    shape = tuple(int(n) for n in np.floor((high - low) / voxel + 1e-6).astype(int) + 1)
+    return voxel, shape
 
 
 def fill_enclosed(grid: np.ndarray, level: float) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The reference prior: SDS from an ideal denoiser that knows the true object.
 
-For verification without diffusion weights (DESIGN.md). At each sampled camera
+For verification without diffusion weights (docs/design.md, "Score distillation"). At each sampled camera
 it renders the true view x0 of a known mesh. A denoiser that knows x0 exactly
 predicts, for x_t = sqrt(a) x + sqrt(1 - a) eps,
 

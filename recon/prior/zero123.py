@@ -2,7 +2,7 @@
 
 Zero123 is a Stable Diffusion UNet fine-tuned to denoise a novel view given the
 input view and the relative camera pose. It is conditioned exactly as trained
-(DESIGN.md):
+(docs/design.md, "Zero123 conditioning"):
 
 * cross-attention: ``projection(cat[CLIP(input), pose_vector])``, one token;
 * concatenated to the noisy latent: the input's VAE latent, unscaled (``mode()``,
