@@ -23,20 +23,21 @@ from recon.prepare import validate_image
 from recon.run_record import RunRecord, new_record
 
 EXAMPLES = """examples:
-  python launch.py --image chair.png
-  python launch.py --image chair.png --config cpu --steps 300 --output outputs/chair-quick
-  python launch.py --image mug.jpg --mask mug-mask.png --elevation 15 fit.lambda_sds=0.05
-  python launch.py --reference-mesh object.obj --config cpu        # self-check, no weights needed
-  python launch.py --export-only outputs/chair-20261125-101500 texture.size=2048 extract.resolution=384
-  python launch.py --resume outputs/chair-20261125-101500
-  python launch.py --benchmark gso --data-root GSO/ --objects list.txt --prior reference --config cpu
-  python launch.py --score other_tool.glb --truth gso/mug/meshes/model.obj --protocol syncdreamer --output scores.json
+  %(prog)s --image chair.png
+  %(prog)s --image chair.png --config cpu --steps 300 --output outputs/chair-quick
+  %(prog)s --image mug.jpg --mask mug-mask.png --elevation 15 fit.lambda_sds=0.05
+  %(prog)s --reference-mesh object.obj --config cpu        # self-check, no weights needed
+  %(prog)s --export-only outputs/chair-20261125-101500 texture.size=2048 extract.resolution=384
+  %(prog)s --resume outputs/chair-20261125-101500
+  %(prog)s --benchmark gso --data-root GSO/ --objects list.txt --prior reference --config cpu
+  %(prog)s --score other_tool.glb --truth gso/mug/meshes/model.obj --protocol syncdreamer --output scores.json
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launch.py",
+        # `python launch.py` in a checkout, `recon` / `python -m recon` when installed
+        prog="python launch.py" if Path(sys.argv[0]).name == "launch.py" else "recon",
         description="recon: one photo of an object in, a textured 3D asset (GLB, OBJ) out.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -203,7 +204,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         if record is not None:
             record.finish("interrupted")
-        where = f"; resume with: python launch.py --resume {run_dir}" if run_dir is not None else ""
+        # only offer a resume that can work: one with a checkpoint to start from
+        resumable = run_dir is not None and (Path(run_dir) / "checkpoint.pt").is_file()
+        where = f"; resume with: {parser.prog} --resume {run_dir}" if resumable else ""
         print(f"interrupted{where}", file=sys.stderr)
         return 130
     except Exception as error:  # a bug: keep the traceback, but out of the user's way

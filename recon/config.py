@@ -19,7 +19,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 from recon.errors import BadInput
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _preset_dir() -> Path:
+    """Where the named presets live: inside the installed package (a wheel or
+    ``pip install .`` ships ``configs/`` as ``recon/configs``), else the
+    checkout's top-level ``configs/`` (``launch.py`` and editable installs)."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _preset_dir()
 DEFAULT_PRESET = "zero123"
 
 

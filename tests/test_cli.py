@@ -210,7 +210,11 @@ def test_reference_mesh_self_check(workdir, capsys):
     out = workdir / "check"
     assert run("--reference-mesh", mesh_path, "--config", "cpu", "--output", out, "--quiet", *FAST) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("chamfer", "volume_iou", "fscore", "field_psnr", "psnr", "ssim", "seconds"):
-        assert isinstance(metrics[key], float), key
+    # A fit of a few steps is rough, but it has found the crate: far closer than
+    # an empty guess, and every score in its range. (Quality at the real preset:
+    # tests/test_image_path.py.)
+    assert 0 < metrics["chamfer"] < 0.1 and 0 < metrics["volume_iou"] <= 1 and 0 < metrics["fscore"] <= 1
+    assert 5 < metrics["psnr"] < 60 and 5 < metrics["field_psnr"] < 60 and 0 < metrics["ssim"] <= 1
+    assert metrics["seconds"] >= sum(metrics["stage_seconds"].values()) * 0.99
     assert (out / "model.glb").is_file()
     assert json.loads((out / "run.json").read_text())["status"] == "ok"

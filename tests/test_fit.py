@@ -69,4 +69,8 @@ def test_checkpoint_is_plain_tensors(tmp_path):
     cfg, _, _ = _setup(1)
     state = new_fit_state(cfg, "cpu")
     save_checkpoint(state, cfg, tmp_path / "c.pt")
-    torch.load(tmp_path / "c.pt", weights_only=True)  # loads without unpickling code
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)  # loads without unpickling code
+    saved_field = loaded["field"]
+    for name, tensor in state.field.state_dict().items():
+        assert torch.equal(saved_field[name], tensor), name
+    assert loaded["step"] == 0

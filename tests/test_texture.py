@@ -150,15 +150,15 @@ def test_query_albedo_chunks_and_clamps():
     assert torch.allclose(colors[600], (points[600] * 2).clamp(0, 1))
 
 
-def test_bake_speed_benchmark_writes_its_json(tmp_path):
+def test_bake_speed_benchmark_writes_into_the_current_directory_outside_a_checkout(tmp_path, monkeypatch):
+    # Installed users run benchmarks from anywhere: figures land where they
+    # are, never inside the installed package.
     import json
 
     from recon.bench.bake_speed import main
 
-    output = tmp_path / "bake_speed.json"
-    main(["--grid", "40", "--size", "128", "--repeats", "1", "--output", str(output)])
-    result = json.loads(output.read_text())
-    for key in ("unwrap_s", "uv_rasterize_s", "albedo_query_s", "seam_fill_s", "bake_total_s"):
-        assert result[key] > 0
-    assert result["machine"]["cpu_count"] >= 1 and result["mesh"]["faces"] > 1000
-    assert 0.2 < result["texel_coverage"] < 1.0
+    monkeypatch.chdir(tmp_path)
+    main(["--grid", "24", "--size", "64", "--repeats", "1"])
+    assert [p.name for p in tmp_path.iterdir()] == ["bake_speed.json"]
+    result = json.loads((tmp_path / "bake_speed.json").read_text())
+    assert result["mesh"]["faces"] > 500 and 0.2 < result["texel_coverage"] < 1.0

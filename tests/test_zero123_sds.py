@@ -188,7 +188,7 @@ def test_real_tiny_unet_gives_finite_gradients_to_the_renders(tiny_model, loaded
     out["loss_sds"].backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     assert set(out) >= {"loss_sds", "t", "grad_norm"}
-    assert all(isinstance(out[k], float) for k in out if k != "loss_sds")
+    assert out["grad_norm"] > 0 and 20 <= out["t"] <= 980  # the default timestep range
 
 
 
