@@ -26,7 +26,7 @@ from recon.config import Config, apply_overrides, from_dict, to_dict
 from recon.device import choose_device
 from recon.errors import BadInput
 from recon.eval.score import score_reconstruction
-from recon.eval.truth import eval_cameras, photo_camera, render_photo, truth_views
+from recon.eval.truth import eval_cameras, photo_camera, render_photo, truth_views, with_albedo
 from recon.fit import new_fit_state, read_checkpoint, reference_camera, restore_fit_state, run_fit
 from recon.frames import PhotoCamera, Recentring, Similarity, fit_to_photo_world
 from recon.io_utils import save_rgba_png, write_json_atomic
@@ -151,6 +151,7 @@ def self_check(truth: MeshData, cfg: Config, run_dir: Path, record: RunRecord, l
     reference prior in place of Zero123 when ``prior.kind=reference``.
     """
     run_dir = Path(run_dir)
+    truth = with_albedo(truth)  # photo, prior and scores all see one view-independent appearance
     camera = photo_camera(cfg)
     if not resume:
         save_rgba_png(run_dir / PHOTO_IMAGE, render_photo(truth, camera))
@@ -258,7 +259,7 @@ def _build_prior(cfg: Config, reference: ReferenceView, truth: Optional[MeshData
         if truth is None:
             if not cfg.prior.reference_mesh:
                 raise BadInput("prior.kind=reference needs the true mesh: prior.reference_mesh=PATH (or use --reference-mesh)")
-            truth = normalize_to_unit_cube(load_mesh(cfg.prior.reference_mesh))[0]
+            truth = with_albedo(normalize_to_unit_cube(load_mesh(cfg.prior.reference_mesh))[0])
         # Built through the inverse of the map that scores the result: a wrong map fits a wrong object.
         truth_in_fit = truth.with_vertices(fit_to_world.inverse().apply(truth.vertices))
         return ReferencePrior(truth_in_fit, cfg.prior, device, background=tuple(cfg.render.background), seed=cfg.seed)

@@ -17,13 +17,14 @@ from recon.camera import Cameras, project
 from recon.cli import main
 from recon.config import Config, EvalConfig, load_config
 from recon.eval.score import geometry_scores
-from recon.eval.truth import photo_camera, render_photo
+from recon.eval.truth import photo_camera, render_photo, with_albedo
 from recon.frames import PhotoCamera, Recentring, Similarity, fit_to_photo_world
 from recon.io_utils import save_rgba_png
 from recon.mesh.data import MeshData, normalize_to_unit_cube
 from recon.mesh.export import export_asset
 from recon.mesh.io import load_mesh
 from recon.prepare import prepare_reference
+from recon.render.mesh_raster import render_mesh
 from recon.run_record import new_record
 
 # The engine's bounds on a scored reconstruction.
@@ -194,3 +195,27 @@ def test_exported_assets_load_back_unrotated(tmp_path):
         np.testing.assert_allclose(loaded.vertices.max(0).values.numpy(), mesh.vertices.max(0).values.numpy(), atol=1e-5)
         scores = geometry_scores(loaded, mesh, EvalConfig(n_surface_points=5000), "recon")
         assert scores["chamfer"] < 0.01 and scores["volume_iou"] > 0.99
+
+
+def test_a_colourless_truth_looks_the_same_from_every_view():
+    # The renderer lights a mesh without colours from the camera; a fitted
+    # albedo cannot reproduce light that moves with the view, so scored runs
+    # give such a truth fixed colours. A point seen from two cameras keeps its colour.
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.4)
+    plain = MeshData(torch.tensor(sphere.vertices, dtype=torch.float32), torch.tensor(sphere.faces))
+    cameras = Cameras.make(0.0, [0.0, 60.0], 1.5, 49.1)
+    facing_first = cameras.c2w[0, :3, 3] / cameras.c2w[0, :3, 3].norm() * 0.4
+    point = plain.vertices[(plain.vertices - facing_first).norm(dim=1).argmin()]
+    pixels, _ = project(point[None], cameras, 128)
+
+    def colours_at_point(mesh):
+        rgb = render_mesh(mesh, cameras, 128, shading="albedo")["rgb"]
+        return [float(rgb[i, int(pixels[i, 0, 1]), int(pixels[i, 0, 0])].mean()) for i in range(2)]
+
+    lit = colours_at_point(plain)
+    assert abs(lit[0] - lit[1]) > 0.05  # the headlight: brighter where the view is head-on
+    fixed = colours_at_point(with_albedo(plain))
+    assert abs(fixed[0] - fixed[1]) < 0.01
+    coloured = MeshData(plain.vertices, plain.faces, vertex_colors=torch.full_like(plain.vertices, 0.3))
+    assert with_albedo(coloured) is coloured  # a truth with its own colours is left alone
+

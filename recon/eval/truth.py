@@ -10,16 +10,40 @@ the input's elevation, azimuth 0.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from recon.camera import Cameras, orbit_cameras
 from recon.config import Config, EvalConfig
 from recon.frames import PhotoCamera
 from recon.mesh.data import MeshData
-from recon.render.mesh_raster import render_mesh
+from recon.mesh.texture import vertex_normals
+from recon.render.mesh_raster import AMBIENT, GREY, render_mesh
+
+# A fixed light for truths without appearance: from the photo's side (+x) and above.
+TRUTH_LIGHT = (1.0, 0.0, 0.5)
 
 # The protocol's renders (Blender) are anti-aliased; hard pixel edges would bias PSNR/SSIM at silhouettes.
 SSAA = 2
+
+
+def with_albedo(mesh: MeshData) -> MeshData:
+    """``mesh``, or, when it has no texture or vertex colours, the plain grey lit by a fixed light, as vertex colours.
+
+    The mesh renderer draws a mesh without appearance under a headlight, which
+    depends on the view; a reconstruction (a view-independent albedo) cannot
+    match that, and the field fakes it with a dark skin that the bake reads.
+    Fixed shading keeps the shape cue and is a true albedo.
+    """
+    if mesh.has_texture or mesh.vertex_colors is not None:
+        return mesh
+    from recon.mesh.texture import vertex_normals
+
+    light = torch.nn.functional.normalize(torch.tensor(TRUTH_LIGHT, device=mesh.device), dim=0)
+    wrap = 0.5 * (1.0 + vertex_normals(mesh) @ light)  # 1 facing the light, 0 facing away
+    shade = GREY * (AMBIENT + (1.0 - AMBIENT) * wrap)
+    return replace(mesh, vertex_colors=shade[:, None].expand(-1, 3).contiguous())
 
 
 def eval_cameras(cfg: EvalConfig, device=None) -> Cameras:
