@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import errno
+import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import List, Optional
@@ -19,7 +23,6 @@ from recon.errors import BadInput, ReconError
 from recon.io_utils import write_json_atomic
 from recon.mesh.data import normalize_to_unit_cube
 from recon.mesh.io import load_mesh
-from recon.prepare import validate_image
 from recon.run_record import RunRecord, new_record
 
 EXAMPLES = """examples:
@@ -98,19 +101,33 @@ def flag_overrides(args) -> List[str]:
     return out
 
 
-def new_run_dir(output: Optional[str], stem: str) -> Path:
-    """The run directory: ``--output`` if given (must not hold a run), else outputs/<stem>-<time>."""
+def claim_run_dir(output: Optional[str], stem: str) -> Path:
+    """Make and claim the run directory: ``--output`` if given, else outputs/<stem>-<time>.
+
+    The claim is the exclusive creation of ``run.json`` (``O_EXCL``), one step
+    that exactly one process can win, so two runs never share a directory. A
+    given ``--output`` may exist only as an empty folder; an earlier run is
+    never overwritten.
+    """
     if output:
         path = Path(output)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise BadInput(f"--output {path} already exists and is not empty; choose a new directory (earlier runs are never overwritten)")
-        return path
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("outputs") / f"{stem}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
+    else:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path("outputs") / f"{stem}-{stamp}"
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--output {path} is a file; choose a new directory")
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path / "run.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except FileExistsError:
+        raise BadInput(f"--output {path} already holds a run; choose a new directory (earlier runs are never overwritten)") from None
+    if any(p.name != "run.json" for p in path.iterdir()):
+        (path / "run.json").unlink()
+        raise BadInput(f"--output {path} already exists and is not empty; choose a new directory (earlier runs are never overwritten)")
     return path
 
 
@@ -141,12 +158,21 @@ def make_logger(quiet: bool):
     return log
 
 
+def _sigterm_as_interrupt(signum, frame):
+    # A scheduler's or container's stop request ends the run as Ctrl-C does:
+    # checkpoint saved, run.json "interrupted", resume offered.
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     log = make_logger(args.quiet)
     run_dir: Optional[Path] = None
     record = None
+    earlier_record = None  # --resume: the record as it was, put back if the resume fails
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         from recon import pipeline
 
@@ -159,8 +185,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 paths = pipeline.export_only(run_dir, overrides, log=log, quiet=args.quiet)
                 print(f"exported: {', '.join(str(p) for p in paths.values())}")
                 return 0
-            record = RunRecord.load(run_dir)
-            result = pipeline.resume(run_dir, overrides, record, log=log, quiet=args.quiet)
+            loaded = RunRecord.load(run_dir)
+            earlier_record = dict(loaded.data)
+            result = pipeline.resume(run_dir, overrides, loaded, log=log, quiet=args.quiet)
             print(f"done: {result.paths.get('glb', run_dir)}")
             return 0
 
@@ -176,19 +203,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.reference_mesh:
             mesh_path = Path(args.reference_mesh)
             truth = normalize_to_unit_cube(load_mesh(mesh_path))[0]  # validates before anything is written
-            run_dir = new_run_dir(args.output, mesh_path.stem)
-            run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir = claim_run_dir(args.output, mesh_path.stem)
             record = new_record(run_dir, cfg, mode="reference-mesh", input=str(mesh_path))
             result = pipeline.self_check(truth, cfg, run_dir, record, log=log, quiet=args.quiet)
             print(f"done: {run_dir} " + " ".join(f"{k}={result.metrics[k]:.4g}" for k in ("chamfer", "volume_iou", "field_psnr", "psnr")))
             return 0
 
         image_path = Path(args.image)
-        validate_image(image_path)  # fast checks before any model loads
-        if args.mask is not None:
-            validate_image(args.mask)
-        run_dir = new_run_dir(args.output, image_path.stem)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        pipeline.check_photo_inputs(image_path, args.mask, cfg)  # before any model loads or directory is made
+        run_dir = claim_run_dir(args.output, image_path.stem)
         record = new_record(run_dir, cfg, mode="image", input=str(image_path), mask=args.mask)
         if not cfg.gate.enabled:
             print("warning: the safety checker is disabled (--no-safety-check); this is recorded in run.json", file=sys.stderr)
@@ -196,28 +219,64 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"done: {result.paths.get('glb', run_dir)}")
         return 0
     except ReconError as error:
-        status = {3: "refused"}.get(error.exit_code, "failed")
-        if record is not None:
-            record.finish(status, error=str(error))
+        _end_record(record, earlier_record, run_dir, {3: "refused"}.get(error.exit_code, "failed"), str(error))
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        if record is not None:
-            record.finish("interrupted")
+        _end_record(record, earlier_record, run_dir, "interrupted", None)
         # only offer a resume that can work: one with a checkpoint to start from
         resumable = run_dir is not None and (Path(run_dir) / "checkpoint.pt").is_file()
         where = f"; resume with: {parser.prog} --resume {run_dir}" if resumable else ""
         print(f"interrupted{where}", file=sys.stderr)
         return 130
+    except OSError as error:
+        # The filesystem, not recon: read-only, full, missing, name too long.
+        if error.errno not in FILESYSTEM_ERRORS:
+            return _internal_error(error, record, earlier_record, run_dir)
+        message = f"cannot write {error.filename or 'the output'}: {error.strerror or error}"
+        _end_record(record, earlier_record, run_dir, "failed", message)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     except Exception as error:  # a bug: keep the traceback, but out of the user's way
-        details = traceback.format_exc()
+        return _internal_error(error, record, earlier_record, run_dir)
+
+
+# errno values that mean the filesystem refused (exit 2), not that recon has a bug (exit 1).
+FILESYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST}
+
+
+def _end_record(record, earlier_record, run_dir, status: str, error: Optional[str]) -> None:
+    """Write how the run ended into run.json; a failed --resume puts the earlier record back.
+
+    Best effort: when the disk itself is the problem, the record may not be
+    writable either, and the one-line error must still reach the user.
+    """
+    try:
         if record is not None:
-            record.finish("failed", error=f"{type(error).__name__}: {error}")
-            (record.path.parent / "error.log").write_text(details)
-            print(f"internal error: {type(error).__name__}: {error} (traceback in {record.path.parent / 'error.log'})", file=sys.stderr)
-        else:
-            print(details, file=sys.stderr)
-        return 1
+            record.finish(status, **({"error": error} if error else {}))
+        elif earlier_record is not None and run_dir is not None:
+            if RunRecord.load(run_dir).data == earlier_record:
+                return  # refused before it started: the record stays byte for byte
+            ended = dict(earlier_record, last_resume={"status": status, "error": error})
+            write_json_atomic(Path(run_dir) / "run.json", ended)
+    except (OSError, ReconError):
+        pass
+
+
+def _internal_error(error: Exception, record, earlier_record, run_dir) -> int:
+    """A bug (exit 1): the traceback goes to error.log in the run directory when there is one."""
+    details = traceback.format_exc()
+    summary = f"{type(error).__name__}: {error}"
+    _end_record(record, earlier_record, run_dir, "failed", summary)
+    if run_dir is not None and (record is not None or earlier_record is not None):
+        try:
+            (Path(run_dir) / "error.log").write_text(details)
+            print(f"internal error: {summary} (traceback in {Path(run_dir) / 'error.log'})", file=sys.stderr)
+            return 1
+        except OSError:
+            pass
+    print(details, file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 
 from recon.camera import Cameras, generate_rays, random_cameras, schedule_stage
 from recon.config import Config, from_dict, to_dict
+from recon.errors import BadInput
 from recon.field.field import RadianceField
 from recon.io_utils import atomic_path
 from recon.prepare import ReferenceView
@@ -76,9 +77,21 @@ def save_checkpoint(state: FitState, cfg: Config, path: Path, prior=None) -> Non
         torch.save(payload, temporary)
 
 
+CHECKPOINT_KEYS = ("step", "field", "occupancy", "optimizer", "generator", "torch_rng", "config")
+
+
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint's contents on the CPU; ``from_dict(payload["config"])`` is the run's config."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BadInput(f"no checkpoint at {path}") from None
+    except Exception as error:  # truncated zips, foreign pickles, unsafe globals: all one answer
+        raise BadInput(f"checkpoint {path} cannot be read ({type(error).__name__}); it is damaged or not recon's") from None
+    missing = [key for key in CHECKPOINT_KEYS if key not in payload] if isinstance(payload, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise BadInput(f"checkpoint {path} is not a recon checkpoint (missing {', '.join(missing)})")
+    return payload
 
 
 def restore_fit_state(payload: dict, device) -> tuple:

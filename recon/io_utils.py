@@ -10,6 +10,22 @@ from pathlib import Path
 from typing import Iterator, Union
 
 PathLike = Union[str, os.PathLike]
+PARTIAL = ".partial"  # in the names of files being written; what a killed process leaves behind
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_partials(directory: PathLike) -> int:
+    """Delete the half-written files a killed run left in ``directory``; returns how many."""
+    stale = [p for p in Path(directory).glob(f".*{PARTIAL}*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 @contextmanager
@@ -22,11 +38,12 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{PARTIAL}{path.suffix}", dir=path.parent)
     os.close(handle)
     temporary = Path(temporary)
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs follow the user's umask
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

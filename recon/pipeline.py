@@ -12,6 +12,8 @@ order and records what happened (docs/design.md, "Data flow").
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from recon.eval.score import score_reconstruction
 from recon.eval.truth import eval_cameras, photo_camera, render_photo, truth_views, with_albedo
 from recon.fit import new_fit_state, read_checkpoint, reference_camera, restore_fit_state, run_fit
 from recon.frames import PhotoCamera, Recentring, Similarity, fit_to_photo_world
-from recon.io_utils import save_rgba_png, write_json_atomic
+from recon.io_utils import remove_stale_partials, save_rgba_png, write_json_atomic
 from recon.mesh.data import MeshData, normalize_to_unit_cube
 from recon.mesh.export import export_asset
 from recon.mesh.extract import CARVE_DEPTH_OPACITY, DepthViews, extract_mesh
@@ -195,14 +197,75 @@ def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer):
 # ----------------------------------------------------------------------------- runs of an existing run directory
 
 
+# What a checkpoint does not depend on, and so what --export-only and --resume
+# may override; anything else (the field's shape, the cameras, the prior...)
+# would not match the saved state or the run it continues.
+EXPORT_MAY_CHANGE = ("device", "render.chunk_rays", "extract", "texture", "export", "eval")
+RESUME_MAY_CHANGE = EXPORT_MAY_CHANGE + ("fit.steps", "fit.checkpoint_every")
+
+
+EXPORT_STAGING = ".export.partial"  # a folder in the run directory, removed whatever happens
+ASSET_FILES = ("model.glb", "model.obj", "model.mtl", "model_texture.png", "preview.mp4", "preview.gif", "preview.png")
+
+
+def _replace_asset_set(staged: Dict[str, Path], run_dir: Path) -> Dict[str, Path]:
+    """Move the staged files into ``run_dir`` and drop the earlier set's files the new one lacks.
+
+    Ctrl-C and SIGTERM wait until the renames are done (microseconds), so the
+    directory holds one whole set at every moment a signal can land.
+    """
+    import signal
+    import threading
+
+    deferred = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+        for number in (signal.SIGINT, signal.SIGTERM):
+            handlers[number] = signal.signal(number, lambda signum, frame: deferred.append(signum))
+    try:
+        paths = {kind: run_dir / path.name for kind, path in staged.items()}
+        for kind, path in staged.items():
+            os.replace(path, paths[kind])
+        new_names = {path.name for path in paths.values()}
+        for name in ASSET_FILES:
+            if name not in new_names:
+                (run_dir / name).unlink(missing_ok=True)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    if deferred:
+        raise KeyboardInterrupt
+    return paths
+
+
+def check_photo_inputs(photo_path: Path, mask_path: Optional[str], cfg: Config) -> None:
+    """Decode and prepare the photo (and mask) once, cheaply, so that an unusable
+    input is refused before any model loads or a run directory is made."""
+    from recon.prepare import foreground_mask, load_image, prepare_reference
+
+    image = load_image(photo_path)
+    mask, _ = foreground_mask(image, mask_path)
+    prepare_reference(image, mask, cfg.prepare.border_ratio, cfg.prepare.size)
+
+
 def export_only(run_dir: Path, overrides, log=None, quiet: bool = False) -> Dict[str, Path]:
     """Re-export a run from its checkpoint with new extract/texture/export settings, without refitting."""
     run_dir = Path(run_dir)
     payload = read_checkpoint(run_dir / CHECKPOINT_NAME)
-    cfg = apply_overrides(from_dict(payload["config"]), list(overrides))
+    cfg = apply_overrides(from_dict(payload["config"]), list(overrides), EXPORT_MAY_CHANGE, "in --export-only")
+    remove_stale_partials(run_dir)
     # The field is rebuilt with the saved config, on the device the overrides choose.
     state, _ = restore_fit_state(payload, choose_device(cfg.device))
-    _, paths = finish_asset(state, cfg, run_dir, StageTimer(log))
+    # The new asset is written aside and moved in as one set, so that an
+    # interrupted export leaves the earlier set whole, never a mix of both.
+    staging = run_dir / EXPORT_STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _, staged = finish_asset(state, cfg, staging, StageTimer(log))
+        paths = _replace_asset_set(staged, run_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if (run_dir / "run.json").is_file():
         record = RunRecord.load(run_dir)
         record.update(outputs={k: str(v) for k, v in paths.items()}, export_config={k: v for k, v in to_dict(cfg).items() if k in ("extract", "texture", "export")})
@@ -212,7 +275,8 @@ def export_only(run_dir: Path, overrides, log=None, quiet: bool = False) -> Dict
 def resume(run_dir: Path, overrides, record: RunRecord, log=None, quiet: bool = False) -> RunResult:
     """Continue an interrupted run from its checkpoint (same mode, same inputs)."""
     run_dir = Path(run_dir)
-    cfg = apply_overrides(from_dict(read_checkpoint(run_dir / CHECKPOINT_NAME)["config"]), list(overrides))
+    cfg = apply_overrides(from_dict(read_checkpoint(run_dir / CHECKPOINT_NAME)["config"]), list(overrides), RESUME_MAY_CHANGE, "on --resume")
+    remove_stale_partials(run_dir)
     record.update(status="running", resumed=True)
     mode = record.data.get("mode")
     if mode == "reference-mesh":

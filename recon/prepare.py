@@ -64,6 +64,7 @@ class ReferenceView:
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 SUPPORTED_NAMES = "PNG, JPEG, WebP, BMP, TIFF or GIF"
 MIN_SIDE = 32  # smaller images carry too little of the object to reconstruct
+MAX_ASPECT = 8  # longer strips leave the object a few pixels wide once squared up
 MIN_FOREGROUND_PIXELS = 64
 MAX_FOREGROUND_FRACTION = 0.95  # above this there is no background to separate the object from
 TRANSPARENT_FRACTION = 0.01  # share of clear pixels for an alpha channel to count as a cut-out
@@ -99,6 +100,8 @@ def _decode(path, what: str = "image") -> Image.Image:
                 width, height = image.size
                 if min(width, height) < MIN_SIDE:
                     raise BadInput(f"{what} is too small: {width}x{height} pixels, need at least {MIN_SIDE} on each side: {path}")
+                if max(width, height) > MAX_ASPECT * min(width, height):
+                    raise BadInput(f"{what} is {width}x{height} pixels, too long and thin (at most {MAX_ASPECT}:1): {path}")
                 image.load()  # decode now: truncated files only fail here
                 return _apply_orientation(image)
     except BadInput:

@@ -50,9 +50,18 @@ class RunRecord:
     def load(run_dir: Path) -> "RunRecord":
         import json
 
+        from recon.errors import BadInput
+
         record = RunRecord.__new__(RunRecord)
         record.path = Path(run_dir) / "run.json"
-        record.data = json.loads(record.path.read_text())
+        try:
+            record.data = json.loads(record.path.read_text())
+        except FileNotFoundError:
+            raise BadInput(f"{record.path} is missing; this is not a recon run directory") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise BadInput(f"{record.path} cannot be read ({type(error).__name__}); it is damaged") from None
+        if not isinstance(record.data, dict) or "mode" not in record.data:
+            raise BadInput(f"{record.path} is not a recon run record")
         return record
 
     def update(self, **fields: Any) -> None:

@@ -9,8 +9,11 @@ known perturbation of the ground truth; the last test runs the real one
 """
 
 import csv
+import io
 import json
 import os
+import struct
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -194,6 +197,89 @@ def test_unreadable_objects_are_reported(tmp_path):
         gso.load_gso_object(tmp_path / "bad.zip")
 
 
+# ----------------------------------------------------------------------------- hostile zips
+
+MiB = 1 << 20
+
+
+def _zip_of_zeros(path: Path, sizes: dict) -> None:
+    """A zip whose members are runs of zeros: 2 MiB of them compress to a few KB, a small zip bomb."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
+        for name, size in sizes.items():
+            out.writestr(name, b"\0" * size)
+
+
+def _declare_size(path: Path, member: str, declared: int) -> None:
+    """Rewrite the uncompressed size that both headers (local and central) of ``member`` declare."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        local = archive.getinfo(member).header_offset
+    data[local + 22 : local + 26] = struct.pack("<I", declared)
+    central = data.find(b"PK\x01\x02")
+    while central >= 0:
+        name_length = struct.unpack("<H", data[central + 28 : central + 30])[0]
+        if data[central + 46 : central + 46 + name_length] == member.encode():
+            data[central + 24 : central + 28] = struct.pack("<I", declared)
+        central = data.find(b"PK\x01\x02", central + 46)
+    path.write_bytes(bytes(data))
+
+
+def test_zip_members_over_the_cap_are_refused(tmp_path):
+    unpack = tmp_path / "unpack"
+    # Just over the cap, honestly declared: refused from the header, nothing written.
+    _zip_of_zeros(tmp_path / "over.zip", {gso.MESH_FILE: MiB + 1})
+    with pytest.raises(BadInput, match=r"over\.zip: member 'meshes/model\.obj' .* over the 1 MB cap per member \(max_member_mb\)"):
+        gso.load_gso_object(tmp_path / "over.zip", unpack_dir=unpack, max_member_mb=1)
+    assert not unpack.exists()
+    # 2 MiB declared as 1000 bytes: refused all the same (zipfile stops at the declared size and fails its CRC).
+    _zip_of_zeros(tmp_path / "liar.zip", {gso.MESH_FILE: 2 * MiB})
+    _declare_size(tmp_path / "liar.zip", gso.MESH_FILE, 1000)
+    with zipfile.ZipFile(tmp_path / "liar.zip") as archive:
+        assert archive.getinfo(gso.MESH_FILE).file_size == 1000
+    with pytest.raises(BadInput, match=r"liar\.zip.*'meshes/model\.obj'"):
+        gso.load_gso_object(tmp_path / "liar.zip", unpack_dir=unpack, max_member_mb=1)
+    assert not unpack.exists()
+    # Without a temporary folder given, the system's one is used and removed too.
+    with pytest.raises(BadInput, match="cap per member"):
+        gso.load_gso_object(tmp_path / "over.zip", max_member_mb=1)
+
+
+def test_unpacking_counts_the_bytes_actually_written(tmp_path):
+    """The caps hold on the bytes read, whatever the header declared: the copy itself stops at them."""
+    target = tmp_path / "member"
+    with pytest.raises(BadInput, match="'meshes/model.obj' unpacks to more than the 1 MB cap per member"):
+        gso._copy_capped(io.BytesIO(b"\0" * (2 * MiB)), target, "meshes/model.obj", Path("bomb.zip"), MiB, 0, 4 * MiB)
+    assert target.stat().st_size <= MiB
+    with pytest.raises(BadInput, match="'b.bin' passes the 1.5 MB cap per object"):
+        gso._copy_capped(io.BytesIO(b"\0" * MiB), target, "b.bin", Path("bomb.zip"), 4 * MiB, MiB, int(1.5 * MiB))
+    assert gso._copy_capped(io.BytesIO(b"\0" * MiB), target, "c.bin", Path("fine.zip"), MiB, 0, MiB) == MiB
+
+
+def test_zip_total_over_the_cap_is_refused(tmp_path):
+    # Three members of 0.6 MiB each: every one under the 1 MiB member cap, together over a 1.5 MiB total.
+    _zip_of_zeros(tmp_path / "many.zip", {gso.MESH_FILE: 0, "a.bin": 6 * MiB // 10, "b.bin": 6 * MiB // 10, "c.bin": 6 * MiB // 10})
+    with pytest.raises(BadInput, match=r"member 'c\.bin' .* over the 1\.5 MB cap per object \(max_archive_mb\)"):
+        gso.load_gso_object(tmp_path / "many.zip", unpack_dir=tmp_path / "unpack", max_member_mb=1, max_archive_mb=1.5)
+    assert not (tmp_path / "unpack").exists()
+    # Declared small, the total is still counted while unpacking.
+    for name in ("a.bin", "b.bin", "c.bin"):
+        _declare_size(tmp_path / "many.zip", name, 10)
+    with pytest.raises(BadInput, match=r"many\.zip.*'a\.bin'"):
+        gso.load_gso_object(tmp_path / "many.zip", unpack_dir=tmp_path / "unpack", max_member_mb=1, max_archive_mb=1.5)
+    assert not (tmp_path / "unpack").exists()
+    with pytest.raises(BadInput, match="positive"):
+        gso.load_gso_object(tmp_path / "many.zip", max_archive_mb=0)
+
+
+def test_zip_member_outside_the_object_folder_is_refused(tmp_path):
+    with zipfile.ZipFile(tmp_path / "escape.zip", "w") as out:
+        out.writestr(gso.MESH_FILE, "v 0 0 0\n")
+        out.writestr("../escaped.txt", "outside")
+    with pytest.raises(BadInput, match="outside the object's folder"):
+        gso.load_gso_object(tmp_path / "escape.zip", unpack_dir=tmp_path / "deep" / "unpack")
+    assert not (tmp_path / "deep" / "escaped.txt").exists() and not (tmp_path / "deep" / "unpack").exists()
+
+
 # ----------------------------------------------------------------------------- evaluation renders
 
 
@@ -360,6 +446,68 @@ def test_run_benchmark_on_a_subset_and_contract_violations(dataset, tmp_path):
     assert [r["object"] for r in rows] == ["box"] and rows[0]["status"] == "ok"
 
 
+def test_zip_bomb_between_good_objects_fails_alone_and_leaves_nothing_unpacked(tmp_path, monkeypatch):
+    system_tmp = tmp_path / "system_tmp"  # the system's temporary folder, watched for leftovers
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    root, sources = tmp_path / "gso", tmp_path / "sources"
+    _write_gso_object(root / "apple", *_box_with_atlas(np.array([0.3, 0.2, 0.15])))
+    _zip_of_zeros(root / "bomb.zip", {gso.MESH_FILE: 2 * MiB})
+    _write_gso_object(sources / "cube", *_box_with_atlas(np.array([0.2, 0.2, 0.2])))
+    _zip_folder(sources / "cube", root / "cube.zip")
+    assert (root / "bomb.zip").stat().st_size < 50_000
+    output_dir = tmp_path / "bench"
+
+    def run():
+        return runner.run_benchmark(
+            root, None, small_config(), output_dir, reconstruct=stand_in_reconstruct, log=lambda _: None, max_member_mb=1, max_archive_mb=2
+        )
+
+    rows = run()
+    assert [(r["object"], r["status"]) for r in rows] == [("apple", "ok"), ("bomb", "failed"), ("cube", "ok")]
+    error = rows[1]["error"]
+    assert "'meshes/model.obj'" in error and "1 MB cap per member" in error and "\n" not in error
+    _check_outputs(output_dir, ["apple", "cube"], ["bomb"])
+    assert not list(output_dir.rglob(runner.UNPACK_DIR)) and not list(system_tmp.iterdir())
+    assert json.loads((output_dir / "results.json").read_text())["run"]["max_member_mb"] == 1
+
+    # A worker killed while unpacking leaves its folder behind: the object's next run removes it.
+    leftover = runner.object_dir(output_dir, "bomb") / runner.UNPACK_DIR / "meshes"
+    leftover.mkdir(parents=True)
+    (leftover / "model.obj").write_bytes(b"\0" * 1000)
+    again = run()
+    assert _calls(output_dir, "apple") == _calls(output_dir, "cube") == ["reference 30.0"]  # reused, not rerun
+    assert [{k: v for k, v in r.items() if k != "wall_seconds"} for r in again] == [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]
+    assert not list(output_dir.rglob(runner.UNPACK_DIR)) and not list(system_tmp.iterdir())
+
+
+def test_malformed_earlier_results_are_recomputed(dataset, tmp_path):
+    output_dir = tmp_path / "bench"
+
+    def run():
+        return runner.run_benchmark(dataset, ["box", "pill"], small_config(), output_dir, reconstruct=stand_in_reconstruct, log=lambda _: None)
+
+    (first_box, _) = run()
+    good = (runner.object_dir(output_dir, "box") / runner.RESULT_FILE).read_text()
+    malformed = [
+        b"{not json",
+        b"\xff\xfe not utf-8",
+        b"[" * 100_000,  # nesting deep enough to exhaust the parser's recursion
+        b"[1, 2]",
+        b'{"status": "ok"}',
+        b'{"object": "box", "status": "ok"}',
+        good.replace('"object": "box"', '"object": "pill"').encode(),
+        good.replace('"chamfer": ', '"chamfer": "oops", "was": ').encode(),
+    ]
+    for count, saved in enumerate(malformed, start=2):
+        (runner.object_dir(output_dir, "box") / runner.RESULT_FILE).write_bytes(saved)
+        box, pill = run()
+        assert len(_calls(output_dir, "box")) == count, saved[:40]  # recomputed
+        assert _calls(output_dir, "pill") == ["reference 30.0"]  # its good result reused throughout
+        assert box["status"] == "ok" and box["chamfer"] == first_box["chamfer"]
+    _check_outputs(output_dir, ["box", "pill"], [])
+
+
 def test_report_summary_statistics(tmp_path):
     rows = [
         {"object": "a", "status": "ok", "chamfer": 0.01, "volume_iou": 0.5, "psnr": 20.0, "lpips": None},
@@ -458,6 +606,23 @@ def test_ray_worker_crash_is_isolated(dataset, tmp_path, local_ray):
     assert status["box"]["status"] == "ok"
     assert status["ball"]["status"] == "failed" and status["ball"]["error"].startswith("ray task failed")
     _check_outputs(tmp_path / "crash", ["box"], ["ball"])
+
+
+def crashing_reconstruct_leaving_files(gt_mesh, config, run_dir):
+    """Kills its worker for "ball" after leaving files in its unpack folder, as a worker killed mid-unpack would."""
+    if Path(run_dir).name == "ball":
+        leftover = Path(run_dir) / runner.UNPACK_DIR / "meshes"
+        leftover.mkdir(parents=True)
+        (leftover / "model.obj").write_text("half written")
+        os._exit(1)
+    return stand_in_reconstruct(gt_mesh, config, run_dir)
+
+
+def test_ray_worker_crash_leaves_no_unpack_folder(dataset, tmp_path, local_ray):
+    rows = runner.run_benchmark(dataset, ["ball", "pill"], small_config(), tmp_path / "crash", reconstruct=crashing_reconstruct_leaving_files, use_ray=True, log=lambda _: None)
+    assert rows[0]["status"] == "failed" and rows[0]["error"].startswith("ray task failed")
+    assert rows[1]["status"] == "ok"  # pill is zipped: unpacked in its run folder, which is then removed
+    assert not list((tmp_path / "crash").rglob(runner.UNPACK_DIR))
 
 
 # ----------------------------------------------------------------------------- the real reconstruction

@@ -7,6 +7,8 @@ Per object ``<name>``, ``OUT/objects/<name>/`` is the object's run folder: the
 run of :func:`recon.pipeline.self_check` (the protocol's photo ``photo.png``,
 the prepared ``input.png``, the asset, ``run.json``, ``metrics.json``), the
 row ``result.json`` and, after a failure, ``error.txt`` with the traceback.
+A zipped object is unpacked into ``OUT/objects/<name>/.unpack/`` only while
+it is loaded (see :func:`score_object`).
 Every object goes through the image path; the prior (``--prior reference``
 or a Zero123 model) is the only difference between modes, and scores are
 taken in the truth's frame under ``eval.protocol``.
@@ -15,7 +17,8 @@ gather all objects (see :mod:`recon.bench.report`) and are rewritten after
 every object.
 
 Resuming: an object whose ``result.json`` says ``ok`` is not run again;
-failed objects are retried. One object's failure is recorded (status and
+failed objects, and objects whose ``result.json`` is unreadable or malformed,
+are run again. One object's failure is recorded (status and
 message) and the others go on.
 
 With Ray each object is one task (one GPU per task when the cluster has GPUs).
@@ -32,6 +35,7 @@ import copy
 import datetime
 import json
 import math
+import shutil
 import sys
 import time
 import traceback
@@ -53,6 +57,11 @@ Reconstruct = Callable[[MeshData, Config, Path], dict]
 
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.txt"
+UNPACK_DIR = ".unpack"  # inside an object's run folder: where its zip is unpacked while it loads
+
+# Exit code of a benchmark that ran to the end but could not score every
+# object (their rows say why); 1 stays reserved for bugs.
+SOME_OBJECTS_FAILED = 5
 
 
 def reconstruct_object(truth: MeshData, config: Config, run_dir: Path) -> dict:
@@ -92,13 +101,30 @@ def _failure(name: str, message: str, wall_seconds: Optional[float]) -> dict:
     return row
 
 
-def score_object(object_path: Path, config: Config, run_dir: Path, reconstruct: Optional[Reconstruct] = None, elevation: float = 30.0) -> dict:
+def score_object(
+    object_path: Path,
+    config: Config,
+    run_dir: Path,
+    reconstruct: Optional[Reconstruct] = None,
+    elevation: float = 30.0,
+    max_member_mb: float = gso.MAX_MEMBER_MB,
+    max_archive_mb: float = gso.MAX_ARCHIVE_MB,
+) -> dict:
     """Load one object, reconstruct it from its photo at ``elevation`` and return its result row; never raises on failure.
 
     The row has ``object``, ``status`` ("ok" or "failed"), the metrics, the
     reconstruction's own ``seconds``, ``wall_seconds`` (loading and
     reconstruction), ``error`` and ``metrics`` (everything the reconstruction
     returned).
+
+    A zipped object is unpacked under ``max_member_mb`` / ``max_archive_mb``
+    (MiB, see :func:`recon.bench.gso.load_gso_object`) into ``run_dir/.unpack``
+    rather than the system's temporary folder: the loader empties it before
+    unpacking and removes it after loading (also on failure), and the runner
+    removes it again when it records the object, so even the leftovers of a
+    worker killed while unpacking are in a known place and gone by the end of
+    the run (Ray) or the object's next run (in-process); a /tmp folder of a
+    killed worker would never be removed.
     """
     name = gso.object_name(object_path)
     run_dir = Path(run_dir)
@@ -107,7 +133,7 @@ def score_object(object_path: Path, config: Config, run_dir: Path, reconstruct: 
         reconstruct = reconstruct or reconstruct_object
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a stale traceback from an earlier try would mislead
-        gt_mesh = gso.load_gso_object(object_path)
+        gt_mesh = gso.load_gso_object(object_path, unpack_dir=run_dir / UNPACK_DIR, max_member_mb=max_member_mb, max_archive_mb=max_archive_mb)
         # The photo is taken, and the fit's camera placed, at the input's elevation (Zero123 conditions on it).
         config = copy.deepcopy(config)
         config.camera.reference_elevation = elevation
@@ -131,13 +157,28 @@ def score_object(object_path: Path, config: Config, run_dir: Path, reconstruct: 
 
 
 def _previous_result(output_dir: Path, name: str) -> Optional[dict]:
-    """The saved row of an object already scored, or None (missing, unreadable or failed)."""
+    """The saved row of an object already scored, or None: missing, unreadable, failed or malformed.
+
+    A saved row is reused as is in the report, so one that is not JSON, not
+    this object's, or lacks a metric (a hand edit, a file cut short by a full
+    disk) counts as missing and the object is scored again, rather than the
+    whole run stopping on a KeyError.
+    """
     path = object_dir(output_dir, name) / RESULT_FILE
     try:
         row = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         return None
-    return row if isinstance(row, dict) and row.get("status") == "ok" else None
+    if not isinstance(row, dict) or row.get("status") != "ok" or row.get("object") != name:
+        return None
+    if not all(key in row and _is_metric_value(row[key]) for key in REQUIRED_METRICS):
+        return None
+    return row
+
+
+def _is_metric_value(value) -> bool:
+    """What score_object writes for a metric: a number, or None when it was not available."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def _resolve_objects(data_root: Path, objects: Union[None, str, Path, Sequence[str]]) -> List[Path]:
@@ -199,6 +240,8 @@ def run_benchmark(
     reconstruct: Optional[Reconstruct] = None,
     elevation: float = 30.0,
     log: Optional[Callable[[str], None]] = None,
+    max_member_mb: float = gso.MAX_MEMBER_MB,
+    max_archive_mb: float = gso.MAX_ARCHIVE_MB,
 ) -> List[dict]:
     """Reconstruct and score GSO objects; returns one row per object (see :func:`score_object`).
 
@@ -206,7 +249,9 @@ def run_benchmark(
     object-list file (one name a line), or a sequence of names. ``prior``
     ("reference", or a Zero123 model id or path) sets the config's prior.
     ``reconstruct`` defaults to :func:`reconstruct_object`. ``use_ray`` or a
-    ``ray_address`` runs one Ray task per object.
+    ``ray_address`` runs one Ray task per object. ``max_member_mb`` and
+    ``max_archive_mb`` cap the unpacking of zipped objects (MiB; an object
+    over them is a failed row, see :func:`score_object`).
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     started = time.monotonic()
@@ -243,12 +288,16 @@ def run_benchmark(
             "ray": bool(use_ray or ray_address),
             "ray_address": ray_address,
             "elevation": elevation,
+            "max_member_mb": max_member_mb,
+            "max_archive_mb": max_archive_mb,
             "protocol": config.eval.protocol,
             "config": to_dict(config),
         }
 
     def record(row: dict) -> None:
         rows[row["object"]] = row
+        # The object's unpack folder is normally gone already; not when its worker died while unpacking.
+        shutil.rmtree(object_dir(output_dir, row["object"]) / UNPACK_DIR, ignore_errors=True)
         write_json_atomic(object_dir(output_dir, row["object"]) / RESULT_FILE, row)
         write_report(output_dir, list(rows.values()), run_info())
         done = len(rows) - skipped
@@ -256,7 +305,8 @@ def run_benchmark(
         log(f"[{done}/{len(todo)}] {row['object']}: {row['status']} {summary} ({row.get('wall_seconds')} s)")
 
     def run_one(path: Path) -> dict:
-        return score_object(path, config, object_dir(output_dir, gso.object_name(path)), reconstruct, elevation)
+        run_dir = object_dir(output_dir, gso.object_name(path))
+        return score_object(path, config, run_dir, reconstruct, elevation, max_member_mb, max_archive_mb)
 
     if use_ray or ray_address:
         _run_on_ray(todo, run_one, record, ray_address, log)
@@ -283,7 +333,7 @@ def run_benchmark_cli(args, config: Config, log) -> int:
     )
     failed = sum(row["status"] != "ok" for row in rows)
     print(f"{len(rows) - failed} of {len(rows)} object(s) scored; report in {output_dir / 'summary.md'}")
-    return 1 if failed else 0
+    return SOME_OBJECTS_FAILED if failed else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -315,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return error.exit_code
     failed = sum(row["status"] != "ok" for row in rows)
     print(f"{len(rows) - failed} of {len(rows)} object(s) scored; report in {Path(args.output_dir) / 'summary.md'}", file=sys.stderr)
-    return 1 if failed else 0
+    return SOME_OBJECTS_FAILED if failed else 0
 
 
 if __name__ == "__main__":
