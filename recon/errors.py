@@ -27,3 +27,9 @@ class MissingWeights(ReconError):
     """Model weights could not be found or loaded; the message says how to get them."""
 
     exit_code = 4
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    lines = str(error).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(error).__name__

@@ -190,7 +190,8 @@ def _normal_smoothness(field_, views, cameras: Cameras, resolution: int, generat
     visible = views.opacity[..., 0] > 0.5
     if not visible.any():
         return views.opacity.sum() * 0.0
-    points = (origins + directions * views.depth.detach())[visible]
+    expected_depth = views.accumulated_depth.detach() / views.opacity.detach().clamp(min=1e-6)
+    points = (origins + directions * expected_depth)[visible]
     points = points[torch.randperm(points.shape[0], generator=generator)[:4096].to(points.device)]
     jitter = torch.randn(points.shape, generator=generator).to(points.device) * 0.01
     _, _, n0 = field_.density_and_normal(points, create_graph=True)

@@ -15,7 +15,6 @@ The gate fails closed: weights that cannot be found or loaded raise
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -24,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from recon.errors import MissingWeights, Refused
+from recon import hub
+from recon.errors import MissingWeights, Refused, one_line
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def load_safety_gate(model: str, device, threshold_scale: float = 1.0, max_side:
     from transformers import CLIPImageProcessor
 
     local = _local_directory(model)
-    if local is None and _looks_like_path(model):
+    if local is None and hub.looks_like_path(model):
         raise MissingWeights(f"safety checker not found: {model} is not a directory. {_how_to_get(model)}")
     source = local if local is not None else model
     checker_kwargs, processor_kwargs = {}, {}
@@ -154,7 +154,7 @@ def load_safety_gate(model: str, device, threshold_scale: float = 1.0, max_side:
         processor = _from_pretrained(CLIPImageProcessor, source, local is not None, **processor_kwargs)
     except Exception as error:  # OSError, ValueError, safetensors/JSON/pickle errors: all mean "no usable weights"
         raise MissingWeights(
-            f"cannot load the safety checker from {_describe(model, local)}: {_first_line(error)}. {_how_to_get(model)}"
+            f"cannot load the safety checker from {_describe(model, local)}: {one_line(error)}. {_how_to_get(model)}"
         ) from error
 
     # A checkpoint without the concept tensors would keep their placeholder values and judge nothing.
@@ -183,11 +183,11 @@ def _from_pretrained(cls, source, is_local: bool, **kwargs):
     """Cache (or local directory) first; the network only when allowed and needed."""
     if is_local:
         return cls.from_pretrained(str(source), local_files_only=True, **kwargs)
-    cache_dir = _hub_cache_dir()
+    cache_dir = hub.cache_dir()
     try:
         return cls.from_pretrained(source, local_files_only=True, cache_dir=cache_dir, **kwargs)
     except OSError:
-        if _offline():
+        if hub.offline():
             raise
     return cls.from_pretrained(source, local_files_only=False, cache_dir=cache_dir, **kwargs)
 
@@ -216,54 +216,19 @@ def _local_directory(model: str) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
-def _looks_like_path(model: str) -> bool:
-    # A hub id is exactly "owner/name"; anything else that is not a directory is a bad path.
-    return (
-        os.path.isabs(model)
-        or model.startswith((".", "~"))
-        or model.count("/") != 1
-        or Path(model).expanduser().exists()
-    )
-
-
-def _offline() -> bool:
-    import huggingface_hub.constants
-
-    # read the environment now, not at import time, so a late HF_HUB_OFFLINE=1 is honoured
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return huggingface_hub.constants.HF_HUB_OFFLINE or any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
-
-
-def _hub_cache_dir() -> str:
-    import huggingface_hub.constants
-
-    # huggingface_hub resolves these at import time; resolve them again so that
-    # a cache location chosen after import (tests, launchers) is honoured too
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    return huggingface_hub.constants.HF_HUB_CACHE
-
-
 def _describe(model: str, local: Optional[Path]) -> str:
     if local is not None:
         return f"directory {local}"
-    return f"'{model}' (Hugging Face cache {_hub_cache_dir()}{', offline' if _offline() else ''})"
+    return f"'{model}' (Hugging Face cache {hub.cache_dir()}{', offline' if hub.offline() else ''})"
 
 
 def _how_to_get(model: str) -> str:
-    hub_id = model if not _looks_like_path(model) else DEFAULT_MODEL
+    hub_id = model if not hub.looks_like_path(model) else DEFAULT_MODEL
     return (
-        f"Download the weights with `hf download {hub_id}` (older huggingface_hub: `huggingface-cli download {hub_id}`) "
+        f"Download the weights with {hub.download_command(hub_id)} "
         "on a machine with internet access, or set gate.model=/path/to/dir to a directory holding "
         "config.json, model.safetensors or pytorch_model.bin, and preprocessor_config.json."
     )
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0].rstrip(".") if lines else type(error).__name__
 
 
 __all__ = ["SafetyGate", "SafetyVerdict", "gate_image", "load_safety_gate", "verdict_margins", "DEFAULT_MODEL", "REFUSAL"]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from recon.errors import BadInput
+from recon.errors import BadInput, one_line
 from recon.frames import Recentring
 from recon.io_utils import atomic_path
 
@@ -116,7 +116,7 @@ def _decode(path, what: str = "image") -> Image.Image:
     except PermissionError as error:
         raise BadInput(f"cannot read {what} {path}: {error.strerror.lower()}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise BadInput(f"cannot decode {what} {path}: truncated or corrupt ({_first_line(error)})") from None
+        raise BadInput(f"cannot decode {what} {path}: truncated or corrupt ({one_line(error)})") from None
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:
@@ -124,7 +124,7 @@ def _apply_orientation(image: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(image)
     except Exception as error:  # a broken EXIF block should not cost the user the image
-        log.warning("ignoring unreadable EXIF orientation (%s)", _first_line(error))
+        log.warning("ignoring unreadable EXIF orientation (%s)", one_line(error))
         return image.copy()
 
 
@@ -206,7 +206,7 @@ def _rembg_mask(rgba: Image.Image) -> Optional[np.ndarray]:
         session = rembg.new_session("u2net_custom", model_path=str(model))
         cut = rembg.remove(rgba.convert("RGB"), session=session, only_mask=True)
     except Exception as error:
-        log.warning("rembg failed (%s); falling back to GrabCut", _first_line(error))
+        log.warning("rembg failed (%s); falling back to GrabCut", one_line(error))
         return None
     return np.asarray(cut.convert("L").resize(rgba.size, Image.Resampling.BILINEAR)) >= 128
 
@@ -228,7 +228,7 @@ def _grabcut_mask(rgba: Image.Image, work_side: int = 512, iterations: int = 5) 
             np.ascontiguousarray(small[..., ::-1]), seeds, None, background_model, foreground_model, iterations, cv2.GC_INIT_WITH_MASK
         )
     except cv2.error as error:
-        raise BadInput(f"could not separate the object from the background ({_first_line(error)}); pass --mask") from None
+        raise BadInput(f"could not separate the object from the background ({one_line(error)}); pass --mask") from None
     foreground = ((seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)).astype(np.uint8)
 
     # drop specks of mislabelled background: keep regions of at least 5% of the largest one
@@ -299,8 +299,3 @@ def save_reference(view: ReferenceView, path) -> None:
     values = (view.rgba.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     with atomic_path(path) as temporary:
         Image.fromarray(values, "RGBA").save(temporary, format="PNG")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

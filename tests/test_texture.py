@@ -1,6 +1,5 @@
 """Texturing: xatlas unwrap, baking an analytic albedo, seam filling, vertex colours."""
 
-import numpy as np
 import pytest
 import torch
 import trimesh

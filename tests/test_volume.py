@@ -100,7 +100,7 @@ def test_one_pass_render_without_gradients_matches_the_two_pass_render():
         one_pass = render_rays(field, grid, origins, directions, cfg, torch.ones(3), surface_opacity=0.5)
     assert two_pass.n_samples == one_pass.n_samples > 0
     assert two_pass.rgb.requires_grad and not one_pass.rgb.requires_grad
-    for name in ("rgb", "opacity", "depth", "surface_distance"):
+    for name in ("rgb", "opacity", "accumulated_depth", "surface_distance"):
         torch.testing.assert_close(getattr(one_pass, name), getattr(two_pass, name).detach(), rtol=1e-5, atol=1e-6)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -24,11 +24,10 @@ AlbedoFn = Callable[[torch.Tensor], torch.Tensor]  # points [P, 3] -> colours [P
 QUERY_CHUNK = 65536  # points per albedo query: large, since the field is fastest in big batches
 
 # xatlas grows each chart until a cost limit is hit; on bumpy marching-cubes meshes that
-# unbounded growth makes charting slow (10 s of CPU for 40k faces, sometimes with a thousand
-# tiny charts anyway). Capping each chart's boundary length at this fraction of
-# sqrt(surface area) keeps it scale-free and bounded: on our test shapes (blobs, a chair, an
-# icosphere) charting took 0.2-2 s with 30-140 charts and covered 50-65% of the texels, as
-# much as the uncapped default. Smaller caps are faster still but pack ragged charts badly.
+# unbounded growth makes charting slow and can still end in many tiny charts. Capping each
+# chart's boundary length at this fraction of sqrt(surface area) keeps the cost scale-free
+# and bounded while covering as many texels as the uncapped default (figures in
+# recon/bench/results/bake_speed.json); smaller caps pack ragged charts badly.
 MAX_BOUNDARY_FRACTION = 1.0
 
 

@@ -28,7 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from recon.errors import MissingWeights
+from recon import hub
+from recon.errors import MissingWeights, one_line
 from recon.prior.sds import scaled_linear_alphas_cumprod
 
 DEFAULT_REPO = "ashawkey/zero123-xl-diffusers"
@@ -88,11 +89,11 @@ def load_zero123(
         components = _load_checkpoint(path, dtype)
     elif path.is_dir():
         components = _load_diffusers_folder(path, dtype, hint=f"re-download the folder or pass prior.model={DEFAULT_REPO}")
-    elif _looks_like_path(str(source)):
+    elif hub.looks_like_path(str(source)):
         raise MissingWeights(f"Zero123 weights not found: {source} does not exist; {CKPT_HINT}")
     else:
         folder = _resolve_repo(str(source), dtype, cache_dir, local_files_only)
-        components = _load_diffusers_folder(folder, dtype, hint=f"run {_download_command(str(source))}")
+        components = _load_diffusers_folder(folder, dtype, hint=f"run {hub.download_command(str(source))}")
     components.source = str(source)
     _check_consistent(components, str(source))
     for module in (components.unet, components.vae, components.image_encoder, components.projection):
@@ -103,30 +104,15 @@ def load_zero123(
     return components
 
 
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are ``name`` or ``owner/name``; anything else is meant as a path."""
-    return (
-        source.startswith((".", "/", "~"))
-        or "\\" in source
-        or source.count("/") > 1
-        or Path(source).suffix in (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
-    )
-
-
-def _download_command(repo_id: str) -> str:
-    # `hf` is the current CLI; older huggingface_hub releases call it `huggingface-cli`
-    return f"`hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`)"
-
-
 # ----------------------------------------------------------------------------- hub
 
 
 def _resolve_repo(repo_id: str, dtype: torch.dtype, cache_dir, local_files_only: bool) -> Path:
     """A local snapshot folder of ``repo_id``: fetched when online, else taken from the cache."""
-    from huggingface_hub import constants, list_repo_files, snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
     online_error = None
-    if not (local_files_only or constants.HF_HUB_OFFLINE):
+    if not (local_files_only or hub.offline()):
         try:
             patterns = _download_patterns(list_repo_files(repo_id), prefer_fp16=dtype == torch.float16)
             return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=patterns))
@@ -135,10 +121,10 @@ def _resolve_repo(repo_id: str, dtype: torch.dtype, cache_dir, local_files_only:
     try:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
     except Exception:
-        reason = f" (the hub said: {_one_line(online_error)})" if online_error is not None else " (offline)"
+        reason = f" (the hub said: {one_line(online_error)})" if online_error is not None else " (offline)"
         raise MissingWeights(
             f"Zero123 weights '{repo_id}' are not in the Hugging Face cache{reason}; "
-            f"run {_download_command(repo_id)} on a machine with internet access "
+            f"run {hub.download_command(repo_id)} on a machine with internet access "
             "(or point prior.model at a local diffusers folder or .ckpt file)"
         ) from None
 
@@ -169,11 +155,6 @@ def _is_fp16(name: str) -> bool:
     return ".fp16" in name
 
 
-def _one_line(error) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
 # ----------------------------------------------------------------------------- diffusers folders
 
 
@@ -201,7 +182,7 @@ def _load_diffusers_folder(root: Path, dtype: torch.dtype, hint: str) -> Zero123
     except MissingWeights:
         raise
     except Exception as error:  # truncated downloads, git-lfs pointers, mismatched configs
-        raise MissingWeights(f"cannot load Zero123 weights from {root}: {_one_line(error)}; {hint}") from error
+        raise MissingWeights(f"cannot load Zero123 weights from {root}: {one_line(error)}; {hint}") from error
 
     mean, std, size = _clip_normalisation(root / "feature_extractor" / "preprocessor_config.json")
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json") or {}
@@ -323,7 +304,7 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> Zero123Components:
     try:
         state = ckpt_conversion.read_checkpoint(path)
     except Exception as error:
-        raise MissingWeights(f"cannot read Zero123 checkpoint {path}: {_one_line(error)}; {CKPT_HINT}") from error
+        raise MissingWeights(f"cannot read Zero123 checkpoint {path}: {one_line(error)}; {CKPT_HINT}") from error
     missing = [part for part, present in ckpt_conversion.has_zero123_keys(state).items() if not present]
     if missing:
         raise MissingWeights(f"{path} is not a Zero123 checkpoint: missing {', '.join(missing)}; {CKPT_HINT}")

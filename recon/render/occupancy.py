@@ -155,13 +155,18 @@ class TorchOccupancyGrid:
         grid = torch.stack(torch.meshgrid(index, index, index, indexing="ij"), dim=-1).reshape(-1, 3)
         return grid
 
-    def update(self, opacity_fn: Callable[[torch.Tensor], torch.Tensor], threshold: float, ema_decay: float = 0.95, generator=None) -> None:
-        """Refresh every cell from ``opacity_fn`` at a random point inside it."""
+    def update(self, thickness_fn: Callable[[torch.Tensor], torch.Tensor], threshold: float, ema_decay: float = 0.95, generator=None) -> None:
+        """Refresh every cell from ``thickness_fn`` at a random point inside it.
+
+        ``thickness_fn``: world points [P, 3] -> optical thickness of one
+        marching step there, density x step size [P] (nerfacc's ``occ_eval_fn``);
+        a cell whose running maximum falls below ``threshold`` is skipped.
+        """
         cells = self._cell_centres().float()
         jitter = torch.rand(cells.shape, generator=generator).to(self.device)
         points = ((cells + jitter) / self.resolution * 2.0 - 1.0) * self.radius
         with torch.no_grad():
-            fresh = torch.cat([opacity_fn(chunk).reshape(-1) for chunk in points.split(262144)])
+            fresh = torch.cat([thickness_fn(chunk).reshape(-1) for chunk in points.split(262144)])
         self.occupancy = torch.maximum(self.occupancy * ema_decay, fresh)
         cut = min(self.occupancy.mean().item(), threshold)
         self.binary = (self.occupancy > cut).reshape(self.resolution, self.resolution, self.resolution)
@@ -221,11 +226,11 @@ class NerfaccOccupancyGrid:
         # Like the torch grid: all cells occupied until the first update.
         self.estimator.binaries.fill_(True)
 
-    def update(self, opacity_fn, threshold: float, ema_decay: float = 0.95, generator=None) -> None:
+    def update(self, thickness_fn, threshold: float, ema_decay: float = 0.95, generator=None) -> None:
         # step 0 with warmup forces nerfacc to refresh every cell, as the torch grid does.
         self.estimator.train()
         self.estimator.update_every_n_steps(
-            step=0, occ_eval_fn=lambda x: opacity_fn(x).reshape(-1, 1), occ_thre=threshold, ema_decay=ema_decay, warmup_steps=1, n=1
+            step=0, occ_eval_fn=lambda x: thickness_fn(x).reshape(-1, 1), occ_thre=threshold, ema_decay=ema_decay, warmup_steps=1, n=1
         )
 
     def occupied(self, points: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,9 @@ def composite(
 class RayBundle:
     rgb: torch.Tensor  # [R, 3] over the background
     opacity: torch.Tensor  # [R, 1]
-    depth: torch.Tensor  # [R, 1] expected distance (0 where empty)
+    # [R, 1] sum over samples of weight x distance: the expected distance times
+    # the opacity (0 where empty); divide by ``opacity`` for the expected distance
+    accumulated_depth: torch.Tensor
     normal: Optional[torch.Tensor] = None  # [R, 3] accumulated world normals
     orientation: Optional[torch.Tensor] = None  # [R] penalty of normals facing away from the camera
     n_samples: int = 0
@@ -153,7 +155,7 @@ def render_rays(
                 density, albedo = field.decode(field.encode_again(features[0], midpoints), midpoints)
             else:
                 density, albedo = field(midpoints)
-    values = {"rgb": albedo, "depth": (0.5 * (t_starts + t_ends))[:, None]}
+    values = {"rgb": albedo, "accumulated_depth": (0.5 * (t_starts + t_ends))[:, None]}
     if normals:
         values["normal"] = normal
     out = composite(ray_indices, t_starts, t_ends, density, values, n_rays)
@@ -161,7 +163,7 @@ def render_rays(
     bundle = RayBundle(
         rgb=out["rgb"] + (1.0 - opacity) * background,
         opacity=opacity,
-        depth=out["depth"],
+        accumulated_depth=out["accumulated_depth"],
         n_samples=int(ray_indices.numel()),
     )
     if surface_opacity is not None:
@@ -178,7 +180,7 @@ def render_rays(
 class ImageBatch:
     rgb: torch.Tensor  # [N, H, W, 3]
     opacity: torch.Tensor  # [N, H, W, 1]
-    depth: torch.Tensor  # [N, H, W, 1]
+    accumulated_depth: torch.Tensor  # [N, H, W, 1], see RayBundle
     normal: Optional[torch.Tensor] = None  # [N, H, W, 3]
     orientation: Optional[torch.Tensor] = None  # [N, H, W]
     n_samples: int = 0
@@ -231,7 +233,7 @@ def render_ray_images(
     return ImageBatch(
         rgb=gather("rgb"),
         opacity=gather("opacity"),
-        depth=gather("depth"),
+        accumulated_depth=gather("accumulated_depth"),
         normal=gather("normal"),
         orientation=gather("orientation"),
         n_samples=sum(p.n_samples for p in parts),
