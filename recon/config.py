@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from recon.errors import BadInput
+from recon.errors import BadInput, one_line
 
 
 
@@ -89,9 +89,8 @@ class RenderConfig:
 
     n_samples_per_ray: int = ranged(256, 8, 4096)  # uniform samples across the box (sets the step size)
     occupancy_resolution: int = ranged(128, 8, 512)  # occupancy grid cells a side
-    occupancy_threshold: float = ranged(0.01, 0.0, 1.0)  # opacity of one step below which a cell is empty
-    occupancy_update_every: int = ranged(16, 1, BIG)  # steps between occupancy refreshes
-    occupancy_warmup_steps: int = ranged(256, 0, BIG)  # nerfacc: refresh every cell before this step
+    occupancy_threshold: float = ranged(0.01, 0.0, 1.0)  # optical thickness (density x step) below which a cell is empty
+    occupancy_update_every: int = ranged(16, 1, BIG)  # steps between occupancy refreshes (every cell each time)
     chunk_rays: int = ranged(32768, 256, 2**24)  # rays per chunk when rendering without gradients
     background: List[float] = ranged([1.0, 1.0, 1.0], 0.0, 1.0)  # RGB
 
@@ -158,6 +157,22 @@ class TextureConfig:
 
 
 @dataclass
+class RefineConfig:
+    """Texture refinement after the bake (recon/mesh/refine.py; docs/design.md, "Refinement")."""
+
+    steps: int = ranged(150, 0, BIG)  # Adam steps on the texture; 0 turns refinement off
+    lr: float = ranged(0.002, 1e-6, 1.0)  # Adam moves every texel by about lr a step: larger is noisy
+    resolution: int = ranged(128, 32, 1024)  # pixels a side of the reference and random views
+    # samples a side per pixel: dense enough that every visible texel is read
+    # (a sparse sampling updates scattered texels and leaves the texture noisy)
+    supersampling: int = ranged(4, 1, 8)
+    n_views: int = ranged(48, 1, 256)  # random views, rasterised once and reused (too few and the texture overfits them)
+    batch_size: int = ranged(2, 1, 64)  # random views per step
+    lambda_rgb: float = ranged(1000.0, 0.0, 1e6)  # the reference view's MSE, weighted as in the fit
+    lambda_sds: float = ranged(1.0, 0.0, 1e6)
+
+
+@dataclass
 class ExportConfig:
     formats: List[str] = ranged(["glb", "obj"], choices=("glb", "obj"))
     preview: bool = True
@@ -209,6 +224,7 @@ class Config:
     fit: FitConfig = _field(default_factory=FitConfig)
     extract: ExtractConfig = _field(default_factory=ExtractConfig)
     texture: TextureConfig = _field(default_factory=TextureConfig)
+    refine: RefineConfig = _field(default_factory=RefineConfig)
     export: ExportConfig = _field(default_factory=ExportConfig)
     gate: GateConfig = _field(default_factory=GateConfig)
     prepare: PrepareConfig = _field(default_factory=PrepareConfig)
@@ -235,7 +251,7 @@ def load_config(preset: Optional[str] = None, overrides: Optional[List[str]] = N
     try:
         preset_layer = OmegaConf.load(path)
     except Exception as error:  # YAML syntax errors come in many types
-        raise BadInput(f"cannot read config {path}: {_one_line(error)}") from None
+        raise BadInput(f"cannot read config {path}: {one_line(error)}") from None
     _refuse_interpolations(preset_layer, f"config {path}")
     return _merge([OmegaConf.structured(Config), preset_layer], overrides or [])
 
@@ -266,7 +282,7 @@ def _merge(layers: list, overrides: List[str]) -> Config:
             layers = layers + [OmegaConf.from_dotlist(list(overrides))]
         config = OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as error:
-        raise BadInput(f"invalid config: {_one_line(error)}") from None
+        raise BadInput(f"invalid config: {one_line(error)}") from None
     return check_config(config)
 
 
@@ -374,10 +390,5 @@ def from_dict(values: dict) -> Config:
     try:
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), values))
     except OmegaConfBaseException as error:
-        raise BadInput(f"invalid saved config: {_one_line(error)}") from None
+        raise BadInput(f"invalid saved config: {one_line(error)}") from None
     return check_config(config)
-
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -27,7 +27,7 @@ from PIL import Image
 from recon.config import Config, apply_overrides, from_dict, to_dict
 from recon.device import choose_device
 from recon.errors import BadInput
-from recon.eval.score import score_reconstruction
+from recon.eval.score import image_scores, mesh_views, score_reconstruction
 from recon.eval.truth import eval_cameras, photo_camera, render_photo, truth_views, with_albedo
 from recon.fit import new_fit_state, read_checkpoint, reference_camera, restore_fit_state, run_fit
 from recon.frames import PhotoCamera, Recentring, Similarity, fit_to_photo_world
@@ -37,6 +37,8 @@ from recon.mesh.export import export_asset
 from recon.mesh.extract import CARVE_DEPTH_OPACITY, DepthViews, extract_mesh
 from recon.mesh.io import load_mesh
 from recon.mesh.preview import write_previews
+from recon.mesh.refine import refine_texture
+from recon.progress import Progress
 from recon.mesh.texture import bake_texture, bake_vertex_colors, unwrap
 from recon.prepare import ReferenceView
 from recon.render.field_views import carving_views, field_views, surface_colour
@@ -126,12 +128,17 @@ def reconstruct(
         prior = _build_prior(cfg, reference, truth, fit_to_world, device)
     with timer.stage("fit"):
         state = _fit_or_resume(cfg, device, prior, reference, run_dir, resume, quiet)
+    asset = finish_asset(state, cfg, run_dir, timer, prior=prior, reference=reference, quiet=quiet)
     del prior
-    mesh, paths = finish_asset(state, cfg, run_dir, timer)
+    paths = asset.paths
     metrics = None
     if truth is not None:
         with timer.stage("evaluate"):
-            metrics = evaluate(state, mesh, truth, fit_to_world, cfg)
+            metrics = evaluate(state, asset.mesh, truth, fit_to_world, cfg)
+            if asset.unrefined is not None:
+                # the same views and protocol, for the mesh as the bake left it
+                before = evaluate_images_only(asset.unrefined, truth, fit_to_world, cfg)
+                metrics.update({f"{k}_before_refine": v for k, v in before.items()})
         metrics["seconds"] = round(time.monotonic() - started, 2)
         metrics["stage_seconds"] = timer.seconds
         write_json_atomic(run_dir / METRICS_FILE, metrics)
@@ -139,6 +146,7 @@ def reconstruct(
         "ok",
         outputs={k: str(v) for k, v in paths.items()},
         stage_seconds=timer.seconds,
+        refine=_refine_record(cfg, asset),
         **({"metrics": {k: v for k, v in metrics.items() if k != "stage_seconds"}} if metrics else {}),
     )
     return RunResult(paths, metrics, timer.seconds)
@@ -169,8 +177,22 @@ def evaluate(state, mesh: MeshData, truth: MeshData, fit_to_world: Similarity, c
     return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in scores.items()}
 
 
-def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer):
-    """Fitted field -> mesh -> texture -> files. Returns (textured mesh, {kind: path})."""
+@dataclass
+class Asset:
+    mesh: MeshData  # the exported mesh, in the fit's frame
+    paths: Dict[str, Path]  # written files by kind
+    unrefined: Optional[MeshData] = None  # the mesh as baked, when refinement changed it
+    refine_stats: Dict[str, float] = field(default_factory=dict)
+
+
+def evaluate_images_only(mesh: MeshData, truth: MeshData, fit_to_world: Similarity, cfg: Config) -> dict:
+    """Image scores (psnr, ssim, lpips) of a mesh's renders against the truth's, in the truth's frame."""
+    mesh_in_world = mesh.to("cpu").with_vertices(fit_to_world.apply(mesh.vertices.cpu()))
+    return image_scores(mesh_views(mesh_in_world, cfg.eval), truth_views(truth.to("cpu"), cfg.eval))
+
+
+def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer, prior=None, reference: Optional[ReferenceView] = None, quiet: bool = True) -> Asset:
+    """Fitted field -> mesh -> texture -> refinement (with a prior and the reference view) -> files."""
     with timer.stage("extract"):
         cameras, distance, opacity = carving_views(
             state.field, state.occupancy, cfg.camera.elevation_range, cfg.camera.distance, cfg.camera.fovy,
@@ -186,12 +208,22 @@ def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer):
             mesh = bake_vertex_colors(mesh, albedo, normals=True)
         else:
             mesh = bake_texture(unwrap(mesh, cfg.texture.size, cfg.texture.padding), albedo, cfg.texture.size, cfg.texture.padding, normals=True)
+    unrefined, refine_stats = None, {}
+    if prior is not None and reference is not None and cfg.refine.steps > 0 and mesh.has_texture:
+        with timer.stage("refine"):
+            unrefined = mesh
+            rgb, _ = reference.at(cfg.refine.resolution, background=tuple(cfg.render.background))
+            mesh, refine_stats = refine_texture(
+                mesh, prior, rgb[None], reference_camera(cfg, mesh.device), cfg.refine, cfg.camera,
+                prior_step=cfg.prior.t_anneal_steps, background=cfg.render.background, seed=cfg.seed,
+                progress=Progress(cfg.refine.steps, "refine", quiet=quiet),
+            )
     mesh = mesh.to("cpu")
     with timer.stage("export"):
         paths = export_asset(mesh, run_dir, formats=tuple(cfg.export.formats))
         if cfg.export.preview:
             paths.update(write_previews(mesh, run_dir, frames=cfg.export.preview_frames, resolution=cfg.export.preview_resolution))
-    return mesh, paths
+    return Asset(mesh, paths, unrefined.to("cpu") if unrefined is not None else None, refine_stats)
 
 
 # ----------------------------------------------------------------------------- runs of an existing run directory
@@ -200,7 +232,7 @@ def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer):
 # What a checkpoint does not depend on, and so what --export-only and --resume
 # may override; anything else (the field's shape, the cameras, the prior...)
 # would not match the saved state or the run it continues.
-EXPORT_MAY_CHANGE = ("device", "render.chunk_rays", "extract", "texture", "export", "eval")
+EXPORT_MAY_CHANGE = ("device", "render.chunk_rays", "extract", "texture", "refine", "export", "eval")
 RESUME_MAY_CHANGE = EXPORT_MAY_CHANGE + ("fit.steps", "fit.checkpoint_every")
 
 
@@ -255,20 +287,26 @@ def export_only(run_dir: Path, overrides, log=None, quiet: bool = False) -> Dict
     cfg = apply_overrides(from_dict(payload["config"]), list(overrides), EXPORT_MAY_CHANGE, "in --export-only")
     remove_stale_partials(run_dir)
     # The field is rebuilt with the saved config, on the device the overrides choose.
-    state, _ = restore_fit_state(payload, choose_device(cfg.device))
+    device = choose_device(cfg.device)
+    state, _ = restore_fit_state(payload, device)
+    prior, reference = _refinement_inputs(run_dir, cfg, device) if cfg.refine.steps > 0 else (None, None)
     # The new asset is written aside and moved in as one set, so that an
     # interrupted export leaves the earlier set whole, never a mix of both.
     staging = run_dir / EXPORT_STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        _, staged = finish_asset(state, cfg, staging, StageTimer(log))
-        paths = _replace_asset_set(staged, run_dir)
+        asset = finish_asset(state, cfg, staging, StageTimer(log), prior=prior, reference=reference, quiet=quiet)
+        paths = _replace_asset_set(asset.paths, run_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if (run_dir / "run.json").is_file():
         record = RunRecord.load(run_dir)
-        record.update(outputs={k: str(v) for k, v in paths.items()}, export_config={k: v for k, v in to_dict(cfg).items() if k in ("extract", "texture", "export")})
+        record.update(
+            outputs={k: str(v) for k, v in paths.items()},
+            export_config={k: v for k, v in to_dict(cfg).items() if k in ("extract", "texture", "refine", "export")},
+            refine=_refine_record(cfg, asset),
+        )
     return paths
 
 
@@ -288,6 +326,22 @@ def resume(run_dir: Path, overrides, record: RunRecord, log=None, quiet: bool = 
 
 
 # ----------------------------------------------------------------------------- helpers of the stages above
+
+
+def _refine_record(cfg: Config, asset: Asset) -> dict:
+    """What run.json says of refinement: its settings, and its losses when it ran."""
+    return {"settings": to_dict(cfg)["refine"], "ran": asset.unrefined is not None, **asset.refine_stats}
+
+
+def _refinement_inputs(run_dir: Path, cfg: Config, device):
+    """(prior, reference view) for refining an existing run's asset again (``--export-only``)."""
+    record = RunRecord.load(run_dir)
+    reference, camera = _prepared_view(run_dir, record)
+    fit_to_world = fit_to_photo_world(reference.recentring, camera, cfg.camera.distance, cfg.camera.fovy)
+    truth = None
+    if cfg.prior.kind == "reference" and record.data.get("mode") == "reference-mesh":
+        truth = with_albedo(normalize_to_unit_cube(load_mesh(record.data["input"]))[0])
+    return _build_prior(cfg, reference, truth, fit_to_world, device), reference
 
 
 def _gate(image, cfg: Config, device, record: RunRecord) -> None:

@@ -28,6 +28,9 @@ FAST = [
     "texture.size=64",
     "export.preview_frames=4",
     "export.preview_resolution=64",
+    "refine.steps=3",
+    "refine.n_views=4",
+    "refine.resolution=32",
 ]
 
 

@@ -32,7 +32,7 @@ TINY = [
     "fit.steps=6", "fit.checkpoint_every=3", "camera.resolutions=[32]", "camera.reference_resolution=64",
     "fit.reference_rays=256", "render.n_samples_per_ray=48", "extract.resolution=40", "extract.carve_views_resolution=48",
     "texture.size=32", "export.preview=false", "eval.n_views=2", "eval.resolution=64", "eval.n_surface_points=2000",
-    "eval.iou_resolution=32",
+    "eval.iou_resolution=32", "refine.steps=3", "refine.n_views=4", "refine.resolution=32",
 ]
 
 

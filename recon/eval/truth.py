@@ -38,8 +38,6 @@ def with_albedo(mesh: MeshData) -> MeshData:
     """
     if mesh.has_texture or mesh.vertex_colors is not None:
         return mesh
-    from recon.mesh.texture import vertex_normals
-
     light = torch.nn.functional.normalize(torch.tensor(TRUTH_LIGHT, device=mesh.device), dim=0)
     wrap = 0.5 * (1.0 + vertex_normals(mesh) @ light)  # 1 facing the light, 0 facing away
     shade = GREY * (AMBIENT + (1.0 - AMBIENT) * wrap)

@@ -259,7 +259,6 @@ def face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     return F.normalize(torch.linalg.cross(b - a, c - a, dim=-1), dim=-1)
 
 
-@torch.no_grad()
 def render_mesh(
     mesh: MeshData,
     cameras: Cameras,
@@ -282,6 +281,11 @@ def render_mesh(
     ``ssaa=k`` renders k times larger and averages k x k blocks: alpha becomes
     coverage, rgb is averaged after compositing, depth and normals are averaged
     over the covered samples, and face_id is the block's centre-most sample.
+
+    Differentiable with respect to the texture and vertex colours, and to the
+    vertices through the barycentrics of covered pixels (coverage itself, the
+    silhouette, has no gradient). Without inputs that need gradients, autograd
+    records nothing.
     """
     if shading not in ("albedo", "lambert"):
         raise ValueError(f"unknown shading {shading!r}: use 'albedo' or 'lambert'")

@@ -1,0 +1,139 @@
+"""Refine the baked texture against the supervision the field had (docs/design.md, "Refinement").
+
+The bake reads each texel's colour from the field along the surface normal. A
+surface extracted from a soft field, and a colour read along its normal, do
+not reproduce what volume rendering showed at silhouettes and sharp colour
+edges, so the asset trails its own field. Refinement stops copying and
+optimises the texture itself through the mesh rasteriser, against what the
+field was fitted to: the reference view (RGB) and the prior's SDS on random
+views, with the same prior protocol (``prior.sds_loss(images, cameras, step)``).
+
+Only the texture changes, so where each pixel reads the texture is fixed:
+every view is rasterised once (:func:`texel_views`) and each step is a texture
+lookup and a composite (:func:`render_texture`), cheap enough for the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from recon.camera import Cameras, project, random_cameras
+from recon.config import CameraConfig, RefineConfig
+from recon.mesh.data import MeshData
+from recon.render.mesh_raster import rasterize, sample_texture
+
+
+@dataclass
+class TexelViews:
+    """Where the covered pixels of N views read the texture; fixed while the geometry is.
+
+    Views are rasterised at ``resolution * ssaa`` pixels a side and averaged
+    down in :func:`render_texture`, as the evaluation's antialiased renders are.
+    """
+
+    pixel: torch.Tensor  # [P] flat index into [N * h * w] (h = w = resolution * ssaa) of covered pixels
+    uv: torch.Tensor  # [P, 2] texture coordinates at those pixels
+    coverage: torch.Tensor  # [N, resolution, resolution, 1] share of each pixel the mesh covers
+    n_views: int
+    resolution: int
+    ssaa: int
+
+
+def texel_views(mesh: MeshData, cameras: Cameras, resolution: int, ssaa: int = 2) -> TexelViews:
+    """Rasterise ``mesh`` (with UVs) in ``cameras`` once: the texture coordinate behind each covered pixel."""
+    if mesh.uvs is None or mesh.face_uvs is None:
+        raise ValueError("texel_views needs a UV-unwrapped mesh")
+    size = resolution * ssaa
+    with torch.no_grad():
+        pixel_xy, depth = project(mesh.vertices.float(), cameras.to(mesh.device), size)
+        fragments = rasterize(pixel_xy, depth, mesh.faces.long(), size)
+        face_id = fragments.face_id.reshape(-1)
+        pixel = (face_id >= 0).nonzero().squeeze(1)
+        bary = fragments.bary.reshape(-1, 3)[pixel]
+        uv = (mesh.uvs.float()[mesh.face_uvs.long()[face_id[pixel]]] * bary[:, :, None]).sum(dim=1)
+        alpha = (fragments.face_id >= 0).float()[..., None]
+        coverage = F.avg_pool2d(alpha.permute(0, 3, 1, 2), ssaa).permute(0, 2, 3, 1)
+    return TexelViews(pixel, uv, coverage, len(cameras), resolution, ssaa)
+
+
+def render_texture(views: TexelViews, texture: torch.Tensor, background: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Renders [n, resolution, resolution, 3] of the views ``index`` (all by default) with ``texture`` [T, T, 3].
+
+    Differentiable with respect to ``texture``: each covered sample is a
+    bilinear texture lookup, composited over ``background`` [3] and averaged
+    over its ``ssaa`` x ``ssaa`` block.
+    """
+    size = views.resolution * views.ssaa
+    per_view = size * size
+    pixel, uv = views.pixel, views.uv
+    chosen = torch.arange(views.n_views, device=pixel.device) if index is None else index.to(pixel.device)
+    if index is not None:
+        # keep the samples of the chosen views, renumbered to their place in ``index``
+        slot = torch.full((views.n_views,), -1, dtype=torch.long, device=pixel.device)
+        slot[chosen] = torch.arange(len(chosen), device=pixel.device)
+        keep = slot[torch.div(pixel, per_view, rounding_mode="floor")] >= 0
+        pixel, uv = pixel[keep], uv[keep]
+        pixel = slot[torch.div(pixel, per_view, rounding_mode="floor")] * per_view + pixel % per_view
+    colour = sample_texture(texture, uv, wrap="clamp").clamp(0.0, 1.0)
+    image = background.to(texture.dtype).expand(len(chosen) * per_view, 3).clone()
+    image = image.index_put((pixel,), colour)
+    image = image.view(len(chosen), size, size, 3)
+    return F.avg_pool2d(image.permute(0, 3, 1, 2), views.ssaa).permute(0, 2, 3, 1)
+
+
+def refine_texture(
+    mesh: MeshData,
+    prior,
+    reference_rgb: torch.Tensor,
+    reference_cameras: Cameras,
+    cfg: RefineConfig,
+    camera_cfg: CameraConfig,
+    prior_step: int,
+    background=(1.0, 1.0, 1.0),
+    seed: int = 0,
+    progress=None,
+) -> tuple:
+    """Optimise the texture of a UV-mapped ``mesh``; returns (refined mesh, stats).
+
+    ``reference_rgb`` [1, R, R, 3] is the input view over the background at
+    ``cfg.resolution``, seen by ``reference_cameras`` (one camera, the fit's
+    frame). Each step renders the reference view and ``cfg.batch_size`` of
+    ``cfg.n_views`` random views (drawn once, from the fit's camera band) and
+    takes an Adam step on ``lambda_rgb * MSE(reference) + lambda_sds * SDS``.
+    ``prior_step`` is the fit step whose timestep range the SDS uses (the end
+    of the annealing: fine detail, as at the end of the fit).
+    """
+    device = mesh.vertices.device
+    generator = torch.Generator().manual_seed(seed)
+    bg = torch.as_tensor(background, dtype=torch.float32, device=device)
+    random_views = random_cameras(cfg.n_views, camera_cfg.elevation_range, camera_cfg.distance, camera_cfg.fovy, generator, device)
+    reference = texel_views(mesh, reference_cameras, cfg.resolution, cfg.supersampling)
+    others = texel_views(mesh, random_views, cfg.resolution, cfg.supersampling)
+    target = reference_rgb.to(device=device, dtype=torch.float32)
+
+    texture = mesh.texture.detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([texture], lr=cfg.lr, betas=(0.9, 0.99))
+    first: Dict[str, float] = {}
+    stats: Dict[str, float] = {}
+    for step in range(cfg.steps):
+        losses = {"rgb": F.mse_loss(render_texture(reference, texture, bg), target)}
+        if cfg.lambda_sds > 0:
+            index = torch.randperm(cfg.n_views, generator=generator)[: cfg.batch_size]
+            images = render_texture(others, texture, bg, index)
+            losses["sds"] = prior.sds_loss(images, random_views[index.to(device)], prior_step)["loss_sds"]
+        total = cfg.lambda_rgb * losses["rgb"] + cfg.lambda_sds * losses.get("sds", 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        with torch.no_grad():
+            texture.clamp_(0.0, 1.0)
+        stats = {f"refine_{name}_loss": float(value.detach()) for name, value in losses.items()}
+        first = first or {key.replace("_loss", "_loss_first"): value for key, value in stats.items()}
+        if progress is not None:  # recon.progress.Progress
+            progress.update(1, loss=float(total.detach()))
+    refined = replace(mesh, texture=texture.detach().to(mesh.texture.dtype))
+    return refined, {**first, **stats, "refine_steps": cfg.steps}
