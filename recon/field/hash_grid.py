@@ -239,15 +239,25 @@ def tcnn_hash_grid(tcnn, cfg: FieldConfig, n_input_dims: int = 3) -> nn.Module:
     return encoding
 
 
-def _import_tcnn():
-    try:
-        import tinycudann
-    except ImportError:
-        return None
-    except Exception as error:  # a build for another GPU or CUDA fails with all sorts of errors
-        log.warning("tinycudann is installed but does not load (%s); using the PyTorch hash grid", error)
-        return None
+TCNN = "tiny-cuda-nn"
+NATIVE_DEVICE_TYPES = ("cuda",)  # where tcnn can run
+
+
+def _build_tcnn():
+    """tinycudann, imported and run once on a tiny grid (a build for another GPU or CUDA fails here)."""
+    import tinycudann
+
+    tiny = FieldConfig(n_levels=2, log2_hashmap_size=8)
+    with torch.cuda.device(0):
+        tcnn_hash_grid(tinycudann, tiny)(torch.rand(4, 3, device="cuda"))
     return tinycudann
+
+
+def _import_tcnn():
+    """tinycudann where it loads and runs, else None (one notice; recon uses :class:`HashGrid`)."""
+    from recon import accel
+
+    return accel.probe(TCNN, _build_tcnn, "the PyTorch hash grid")
 
 
 def make_hash_grid(cfg: FieldConfig, device) -> nn.Module:
@@ -258,7 +268,7 @@ def make_hash_grid(cfg: FieldConfig, device) -> nn.Module:
     if cfg.use_tcnn not in ("auto", "never"):
         raise BadInput(f"field.use_tcnn must be 'auto' or 'never', got '{cfg.use_tcnn}'")
     device = torch.device(device)
-    if cfg.use_tcnn == "auto" and device.type == "cuda":
+    if cfg.use_tcnn == "auto" and device.type in NATIVE_DEVICE_TYPES:
         tcnn = _import_tcnn()
         if tcnn is not None:
             with torch.cuda.device(device):  # tcnn allocates on the current device

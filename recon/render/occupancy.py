@@ -265,9 +265,42 @@ class NerfaccOccupancyGrid:
         return self.estimator.binaries.float().mean().item()
 
 
+NERFACC_KERNELS = "nerfacc CUDA kernels"
+NATIVE_DEVICE_TYPES = ("cuda",)  # where nerfacc's kernels can run
+
+
+def _build_nerfacc_kernels() -> bool:
+    """Run each nerfacc kernel recon uses once, on a tiny grid.
+
+    nerfacc compiles its CUDA extension on first use (a JIT build that fails
+    on a box without a matching toolkit); doing it here, inside
+    :func:`recon.accel.probe`, turns that failure into a notice and a fallback.
+    """
+    import nerfacc
+
+    device = torch.device(NATIVE_DEVICE_TYPES[0])
+    grid = NerfaccOccupancyGrid(1.0, 4, device)
+    grid.update(lambda x: torch.ones(x.shape[0], device=x.device), threshold=0.01)
+    origins = torch.tensor([[0.0, 0.0, -2.0]], device=device)
+    directions = torch.tensor([[0.0, 0.0, 1.0]], device=device)
+    ray_indices, t_starts, t_ends = grid.sample(origins, directions, 0.1, stratified=False)
+    densities = torch.ones_like(t_starts)
+    weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, densities, ray_indices=ray_indices, n_rays=1)
+    nerfacc.accumulate_along_rays(weights, None, ray_indices=ray_indices, n_rays=1)
+    return True
+
+
+def use_nerfacc(device) -> bool:
+    """Whether nerfacc's kernels serve ``device``: a GPU, and the kernels built (probed once)."""
+    if torch.device(device).type not in NATIVE_DEVICE_TYPES:
+        return False
+    from recon import accel
+
+    return accel.probe(NERFACC_KERNELS, _build_nerfacc_kernels, "the PyTorch occupancy grid and compositing") is not None
+
+
 def make_occupancy_grid(radius: float, resolution: int, device):
-    """nerfacc on CUDA, the torch grid elsewhere."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    """nerfacc's grid where its kernels run (a GPU), the torch grid everywhere else."""
+    if use_nerfacc(device):
         return NerfaccOccupancyGrid(radius, resolution, device)
     return TorchOccupancyGrid(radius, resolution, device)

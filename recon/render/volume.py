@@ -1,7 +1,8 @@
 """Volume rendering of the radiance field.
 
 Rays -> samples in occupied space (recon.render.occupancy) -> field at the
-samples -> nerfacc's compositing. nerfacc composites packed samples on CUDA;
+samples -> nerfacc's compositing. nerfacc composites packed samples on a GPU where its kernels
+built (recon.render.occupancy.use_nerfacc, probed once, never fatal);
 its packed kernels have no CPU build, so on the CPU the same samples are laid
 out as a padded [rays, max samples] batch for nerfacc's dense functions, which
 are plain PyTorch. Padding has zero length, so it contributes nothing.
@@ -19,7 +20,7 @@ import torch
 
 from recon.camera import Cameras, generate_rays
 from recon.config import RenderConfig
-from recon.render.occupancy import evaluate_until_opaque
+from recon.render.occupancy import evaluate_until_opaque, use_nerfacc
 
 
 def step_size(radius: float, cfg: RenderConfig) -> float:
@@ -36,7 +37,7 @@ def composite(
     n_rays: int,
 ) -> Dict[str, torch.Tensor]:
     """Weights from densities, then each value [S, C] accumulated per ray -> [n_rays, C]; plus opacity."""
-    if densities.is_cuda:
+    if use_nerfacc(densities.device):
         weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, densities, ray_indices=ray_indices, n_rays=n_rays)
         out = {name: nerfacc.accumulate_along_rays(weights, v, ray_indices=ray_indices, n_rays=n_rays) for name, v in values.items()}
         out["opacity"] = nerfacc.accumulate_along_rays(weights, None, ray_indices=ray_indices, n_rays=n_rays)
