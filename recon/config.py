@@ -165,7 +165,7 @@ class RefineConfig:
     resolution: int = ranged(128, 32, 1024)  # pixels a side of the reference and random views
     # samples a side per pixel: dense enough that every visible texel is read
     # (a sparse sampling updates scattered texels and leaves the texture noisy)
-    supersampling: int = ranged(4, 1, 8)
+    supersampling: int = ranged(3, 1, 8)
     n_views: int = ranged(48, 1, 256)  # random views, rasterised once and reused (too few and the texture overfits them)
     batch_size: int = ranged(2, 1, 64)  # random views per step
     lambda_rgb: float = ranged(1000.0, 0.0, 1e6)  # the reference view's MSE, weighted as in the fit

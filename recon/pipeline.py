@@ -38,16 +38,11 @@ from recon.mesh.extract import CARVE_DEPTH_OPACITY, DepthViews, extract_mesh
 from recon.mesh.io import load_mesh
 from recon.mesh.preview import write_previews
 from recon.mesh.refine import refine_texture
-from recon.progress import Progress
 from recon.mesh.texture import bake_texture, bake_vertex_colors, unwrap
 from recon.prepare import ReferenceView
+from recon.progress import Progress
 from recon.render.field_views import carving_views, field_views, surface_colour
-from recon.run_record import RunRecord
-
-CHECKPOINT_NAME = "checkpoint.pt"
-INPUT_IMAGE = "input.png"  # the prepared view the fit sees (every run)
-PHOTO_IMAGE = "photo.png"  # the photo a scored run renders of its truth
-METRICS_FILE = "metrics.json"
+from recon.run_record import CHECKPOINT_NAME, INPUT_IMAGE, METRICS_FILE, PHOTO_IMAGE, RunRecord
 
 
 class StageTimer:
@@ -134,11 +129,7 @@ def reconstruct(
     metrics = None
     if truth is not None:
         with timer.stage("evaluate"):
-            metrics = evaluate(state, asset.mesh, truth, fit_to_world, cfg)
-            if asset.unrefined is not None:
-                # the same views and protocol, for the mesh as the bake left it
-                before = evaluate_images_only(asset.unrefined, truth, fit_to_world, cfg)
-                metrics.update({f"{k}_before_refine": v for k, v in before.items()})
+            metrics = evaluate(state, asset.mesh, truth, fit_to_world, cfg, unrefined=asset.unrefined)
         metrics["seconds"] = round(time.monotonic() - started, 2)
         metrics["stage_seconds"] = timer.seconds
         write_json_atomic(run_dir / METRICS_FILE, metrics)
@@ -168,11 +159,20 @@ def self_check(truth: MeshData, cfg: Config, run_dir: Path, record: RunRecord, l
     return reconstruct(run_dir / PHOTO_IMAGE, cfg, run_dir, record, truth=truth, camera=camera, check_safety=False, log=log, quiet=quiet, resume=resume)
 
 
-def evaluate(state, mesh: MeshData, truth: MeshData, fit_to_world: Similarity, cfg: Config) -> dict:
-    """Scores of the exported mesh and of the field's own renders, both in the truth's frame."""
-    mesh_in_world = mesh.to("cpu").with_vertices(fit_to_world.apply(mesh.vertices.cpu()))
+def evaluate(state, mesh: MeshData, truth: MeshData, fit_to_world: Similarity, cfg: Config, unrefined: Optional[MeshData] = None) -> dict:
+    """Scores of the exported mesh and of the field's own renders, both in the truth's frame.
+
+    With ``unrefined`` (the mesh as baked), its image scores too, as ``psnr_before_refine`` and so on.
+    """
+    def in_world(m: MeshData) -> MeshData:
+        return m.to("cpu").with_vertices(fit_to_world.apply(m.vertices.cpu()))
+
     field_images = field_views(state.field, state.occupancy, eval_cameras(cfg.eval), cfg.eval.resolution, cfg.render, fit_to_world.inverse())
-    scores = score_reconstruction(mesh_in_world, field_images, truth, truth_views(truth.to(field_images.device), cfg.eval), cfg.eval, cfg.eval.protocol, cfg.seed)
+    truth_images = truth_views(truth.to(field_images.device), cfg.eval)
+    scores = score_reconstruction(in_world(mesh), field_images, truth, truth_images, cfg.eval, cfg.eval.protocol, cfg.seed)
+    if unrefined is not None:
+        before = image_scores(mesh_views(in_world(unrefined).to(truth_images.device), cfg.eval), truth_images)
+        scores.update({f"{name}_before_refine": value for name, value in before.items()})
     scores["faces"] = int(mesh.faces.shape[0])
     return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in scores.items()}
 
@@ -183,12 +183,6 @@ class Asset:
     paths: Dict[str, Path]  # written files by kind
     unrefined: Optional[MeshData] = None  # the mesh as baked, when refinement changed it
     refine_stats: Dict[str, float] = field(default_factory=dict)
-
-
-def evaluate_images_only(mesh: MeshData, truth: MeshData, fit_to_world: Similarity, cfg: Config) -> dict:
-    """Image scores (psnr, ssim, lpips) of a mesh's renders against the truth's, in the truth's frame."""
-    mesh_in_world = mesh.to("cpu").with_vertices(fit_to_world.apply(mesh.vertices.cpu()))
-    return image_scores(mesh_views(mesh_in_world, cfg.eval), truth_views(truth.to("cpu"), cfg.eval))
 
 
 def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer, prior=None, reference: Optional[ReferenceView] = None, quiet: bool = True) -> Asset:

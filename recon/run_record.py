@@ -17,6 +17,12 @@ from typing import Any, Dict, Optional
 from recon.config import to_dict as cfg_to_dict
 from recon.io_utils import write_json_atomic
 
+# Files of a run directory that more than one job reads or writes.
+CHECKPOINT_NAME = "checkpoint.pt"
+INPUT_IMAGE = "input.png"  # the prepared view the fit sees (every run)
+PHOTO_IMAGE = "photo.png"  # the photo a scored run renders of its truth
+METRICS_FILE = "metrics.json"
+
 KEY_PACKAGES = ("recon", "torch", "diffusers", "transformers", "nerfacc", "tinycudann", "trimesh", "PyMCubes", "xatlas", "omegaconf", "numpy")
 
 

@@ -28,7 +28,8 @@ from recon.io_utils import write_json_atomic
 from recon.mesh.data import normalize_to_unit_cube
 from recon.run_record import new_record
 
-COLUMNS = ("chamfer", "volume_iou", "fscore", "field_psnr", "psnr", "ssim", "faces", "seconds")
+# psnr_before_refine: the mesh as baked, before refinement (absent with refine.steps=0)
+COLUMNS = ("chamfer", "volume_iou", "fscore", "field_psnr", "psnr", "psnr_before_refine", "ssim", "faces", "seconds")
 PROFILE_TOP = 15
 
 
@@ -61,11 +62,11 @@ def main(argv=None) -> int:
             run_dir = Path(scratch) / name
             run_dir.mkdir()
             metrics = pipeline.self_check(gt, cfg, run_dir, new_record(run_dir, cfg, mode="reference-mesh"), quiet=True).metrics
-            rows[name] = {key: metrics[key] for key in COLUMNS} | {"stage_seconds": metrics["stage_seconds"]}
+            rows[name] = {key: metrics.get(key) for key in COLUMNS} | {"stage_seconds": metrics["stage_seconds"]}
             if profile:
                 profile.disable()
                 rows[name]["profile_top_own_time"] = profile_summary(profile)
-            print(f"{name:8s} " + " ".join(f"{key}={metrics[key]:.4g}" for key in COLUMNS), flush=True)
+            print(f"{name:8s} " + " ".join(f"{key}={metrics[key]:.4g}" for key in COLUMNS if metrics.get(key) is not None), flush=True)
     result = {
         "config": args.config,
         "overrides": args.overrides,

@@ -29,22 +29,23 @@ from recon.render.mesh_raster import rasterize, sample_texture
 
 @dataclass
 class TexelViews:
-    """Where the covered pixels of N views read the texture; fixed while the geometry is.
+    """Where the samples of N views read the texture; fixed while the geometry is.
 
-    Views are rasterised at ``resolution * ssaa`` pixels a side and averaged
-    down in :func:`render_texture`, as the evaluation's antialiased renders are.
+    Each view is sampled ``ssaa`` x ``ssaa`` times a pixel, as the evaluation's
+    antialiased renders are; a covered sample adds its texel colour / ssaa^2
+    to its pixel, the uncovered share of a pixel shows the background.
     """
 
-    pixel: torch.Tensor  # [P] flat index into [N * h * w] (h = w = resolution * ssaa) of covered pixels
-    uv: torch.Tensor  # [P, 2] texture coordinates at those pixels
+    pixel: torch.Tensor  # [P] flat index into [N * resolution^2] of each covered sample's pixel (sorted by view)
+    uv: torch.Tensor  # [P, 2] texture coordinates of those samples
+    starts: torch.Tensor  # [N + 1] view v's samples are pixel[starts[v]:starts[v + 1]]
     coverage: torch.Tensor  # [N, resolution, resolution, 1] share of each pixel the mesh covers
-    n_views: int
     resolution: int
     ssaa: int
 
 
 def texel_views(mesh: MeshData, cameras: Cameras, resolution: int, ssaa: int = 2) -> TexelViews:
-    """Rasterise ``mesh`` (with UVs) in ``cameras`` once: the texture coordinate behind each covered pixel."""
+    """Rasterise ``mesh`` (with UVs) in ``cameras`` once: the texture coordinate behind each covered sample."""
     if mesh.uvs is None or mesh.face_uvs is None:
         raise ValueError("texel_views needs a UV-unwrapped mesh")
     size = resolution * ssaa
@@ -52,37 +53,37 @@ def texel_views(mesh: MeshData, cameras: Cameras, resolution: int, ssaa: int = 2
         pixel_xy, depth = project(mesh.vertices.float(), cameras.to(mesh.device), size)
         fragments = rasterize(pixel_xy, depth, mesh.faces.long(), size)
         face_id = fragments.face_id.reshape(-1)
-        pixel = (face_id >= 0).nonzero().squeeze(1)
-        bary = fragments.bary.reshape(-1, 3)[pixel]
-        uv = (mesh.uvs.float()[mesh.face_uvs.long()[face_id[pixel]]] * bary[:, :, None]).sum(dim=1)
+        sample = (face_id >= 0).nonzero().squeeze(1)  # sorted: view-major, then row, then column
+        bary = fragments.bary.reshape(-1, 3)[sample]
+        uv = (mesh.uvs.float()[mesh.face_uvs.long()[face_id[sample]]] * bary[:, :, None]).sum(dim=1)
+        view = torch.div(sample, size * size, rounding_mode="floor")
+        row = torch.div(sample % (size * size), size, rounding_mode="floor")
+        column = sample % size
+        pixel = (view * resolution + torch.div(row, ssaa, rounding_mode="floor")) * resolution + torch.div(column, ssaa, rounding_mode="floor")
+        starts = torch.zeros(len(cameras) + 1, dtype=torch.long, device=sample.device)
+        starts[1:] = torch.bincount(view, minlength=len(cameras)).cumsum(0)
         alpha = (fragments.face_id >= 0).float()[..., None]
         coverage = F.avg_pool2d(alpha.permute(0, 3, 1, 2), ssaa).permute(0, 2, 3, 1)
-    return TexelViews(pixel, uv, coverage, len(cameras), resolution, ssaa)
+    return TexelViews(pixel, uv, starts, coverage, resolution, ssaa)
 
 
 def render_texture(views: TexelViews, texture: torch.Tensor, background: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Renders [n, resolution, resolution, 3] of the views ``index`` (all by default) with ``texture`` [T, T, 3].
 
     Differentiable with respect to ``texture``: each covered sample is a
-    bilinear texture lookup, composited over ``background`` [3] and averaged
-    over its ``ssaa`` x ``ssaa`` block.
+    bilinear texture lookup, added to its pixel with weight 1 / ssaa^2, over
+    ``background`` [3] where the mesh leaves the pixel uncovered.
     """
-    size = views.resolution * views.ssaa
-    per_view = size * size
-    pixel, uv = views.pixel, views.uv
-    chosen = torch.arange(views.n_views, device=pixel.device) if index is None else index.to(pixel.device)
-    if index is not None:
-        # keep the samples of the chosen views, renumbered to their place in ``index``
-        slot = torch.full((views.n_views,), -1, dtype=torch.long, device=pixel.device)
-        slot[chosen] = torch.arange(len(chosen), device=pixel.device)
-        keep = slot[torch.div(pixel, per_view, rounding_mode="floor")] >= 0
-        pixel, uv = pixel[keep], uv[keep]
-        pixel = slot[torch.div(pixel, per_view, rounding_mode="floor")] * per_view + pixel % per_view
+    per_view = views.resolution**2
+    n_views = len(views.starts) - 1
+    chosen = list(range(n_views)) if index is None else [int(v) for v in index]
+    parts = [(slot, views.starts[v], views.starts[v + 1]) for slot, v in enumerate(chosen)]
+    pixel = torch.cat([views.pixel[a:b] - (chosen[slot] - slot) * per_view for slot, a, b in parts])
+    uv = torch.cat([views.uv[a:b] for _, a, b in parts])
     colour = sample_texture(texture, uv, wrap="clamp").clamp(0.0, 1.0)
-    image = background.to(texture.dtype).expand(len(chosen) * per_view, 3).clone()
-    image = image.index_put((pixel,), colour)
-    image = image.view(len(chosen), size, size, 3)
-    return F.avg_pool2d(image.permute(0, 3, 1, 2), views.ssaa).permute(0, 2, 3, 1)
+    uncovered = 1.0 - views.coverage[chosen].reshape(-1, 1)
+    image = (background.to(texture.dtype) * uncovered).index_add(0, pixel, colour / views.ssaa**2)
+    return image.view(len(chosen), views.resolution, views.resolution, 3)
 
 
 def refine_texture(
