@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from recon.config import Config, apply_overrides, load_config
+from recon.config import load_config
 from recon.errors import BadInput, ReconError
 from recon.io_utils import write_json_atomic
 from recon.mesh.data import normalize_to_unit_cube
@@ -28,6 +28,9 @@ from recon.run_record import RunRecord, new_record
 EXAMPLES = """examples:
   %(prog)s --image chair.png
   %(prog)s --image chair.png --config cpu --steps 300 --output outputs/chair-quick
+  %(prog)s --views --image chair.png --polar 30 --azimuth 90 --samples 4 --output outputs/chair-views
+  %(prog)s --doctor                                        # can a default run start here?
+  %(prog)s --demo --port 7860                               # the web app (pip install -e ".[demo]")
   %(prog)s --image mug.jpg --mask mug-mask.png --elevation 15 fit.lambda_sds=0.05
   %(prog)s --reference-mesh object.obj --config cpu        # self-check, no weights needed
   %(prog)s --export-only outputs/chair-20261125-101500 texture.size=2048 extract.resolution=384
@@ -52,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint, e.g. --resume outputs/chair-20261125-101500")
     job.add_argument("--benchmark", choices=["gso"], help="run a benchmark over a dataset, e.g. --benchmark gso --data-root GSO/")
     job.add_argument("--score", metavar="PRED_MESH", help="score a mesh against --truth (both in the truth's frame), e.g. --score other_tool.glb --truth gt.obj")
+    job.add_argument("--doctor", action="store_true", help="check this machine: GPU, native kernels, weights, disk; exit 0 when a default run can start, 1 with the reasons")
+    job.add_argument("--demo", action="store_true", help="start the web app (gradio; the 'demo' extra): upload, safety check, novel views, reconstruction, e.g. --demo --port 7860")
     p.add_argument("--config", metavar="PRESET", help="preset name (zero123, cpu, stable-zero123) or a YAML path; default zero123, e.g. --config cpu")
     p.add_argument("--output", metavar="DIR", help="the run directory itself (must not exist yet); default outputs/<image-stem>-<time>/; for --score, the JSON file to write")
     p.add_argument("--prior", metavar="ID_OR_PATH", help="Zero123 weights: hub id, diffusers folder or .ckpt file ('reference' for benchmarks), e.g. --prior ./zero123-xl")
@@ -70,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objects", metavar="LIST", help="benchmark: file with one object name per line")
     p.add_argument("--ray", action="store_true", help="benchmark: one object per Ray task on a local Ray cluster")
     p.add_argument("--ray-address", metavar="ADDR", help="benchmark: connect to a running Ray cluster, e.g. --ray-address auto")
+    p.add_argument("--host", metavar="H", help="--demo: address to listen on (default 127.0.0.1; 0.0.0.0 for every interface), e.g. --host 0.0.0.0")
+    p.add_argument("--port", type=int, metavar="P", help="--demo: port to listen on (default 7860), e.g. --port 8080")
+    views = p.add_argument_group("novel views (--views --image PATH): Zero123's own images of other views, as its demo draws them")
+    views.add_argument("--views", action="store_true", help="write novel views of --image (view_NN.png, 256x256) and run.json instead of an asset, e.g. --views --image chair.png --azimuth 90")
+    views.add_argument("--polar", type=float, metavar="DEG", help="change of polar angle, -90..90; positive moves the camera down (default 0), e.g. --polar 30")
+    views.add_argument("--azimuth", type=float, metavar="DEG", help="turn around the object, -180..180; positive shows its right side (default 90), e.g. --azimuth -45")
+    views.add_argument("--zoom", type=float, metavar="D", help="change of camera distance, -0.5..0.5; positive moves away (default 0), e.g. --zoom 0.2")
+    views.add_argument("--samples", type=int, metavar="N", help="how many views to sample, 1..8 (default 4), e.g. --samples 2")
+    views.add_argument("--guidance", type=float, metavar="S", help="classifier-free guidance scale, 0..100 (default 3), e.g. --guidance 5")
+    views.add_argument("--ddim-steps", type=int, metavar="N", help="DDIM sampling steps, 1..1000 (default 50), e.g. --ddim-steps 75")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. fit.steps=500 texture.size=2048")
     return p
 
@@ -99,6 +114,24 @@ def flag_overrides(args) -> List[str]:
     if args.protocol is not None:
         out.append(f"eval.protocol={args.protocol}")
     return out
+
+
+VIEW_FLAGS = ("polar", "azimuth", "zoom", "samples", "guidance", "ddim_steps")
+
+
+def view_request(args, cfg):
+    """The checked novel-view request of ``--views``; the view flags are refused without it."""
+    given = [name for name in VIEW_FLAGS if getattr(args, name) is not None]
+    if not args.views:
+        if given:
+            raise BadInput(f"--{given[0].replace('_', '-')} is only for --views (e.g. --views --image chair.png --{given[0].replace('_', '-')} ...)")
+        return None
+    if not args.image:
+        raise BadInput("--views needs --image PATH (the photo to draw novel views of)")
+    from recon.views import check_prior_kind, request_from
+
+    check_prior_kind(cfg)
+    return request_from(*(getattr(args, name) for name in VIEW_FLAGS), seed=cfg.seed)
 
 
 def claim_run_dir(output: Optional[str], stem: str) -> Path:
@@ -200,6 +233,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             return run_benchmark_cli(args, cfg, log)
         if args.score:
             return score_command(args, cfg)
+        if args.doctor:
+            from recon.doctor import run_doctor
+
+            return run_doctor(cfg, sys.stdout)
+        if args.demo:
+            from recon.app import serve
+
+            return serve(cfg, host=args.host, port=args.port, ray_address=args.ray_address)
+        request = view_request(args, cfg)
         if args.reference_mesh:
             mesh_path = Path(args.reference_mesh)
             truth = normalize_to_unit_cube(load_mesh(mesh_path))[0]  # validates before anything is written
@@ -211,6 +253,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         image_path = Path(args.image)
         pipeline.check_photo_inputs(image_path, args.mask, cfg)  # before any model loads or directory is made
+        if request is not None:
+            from recon.views import run_novel_views
+
+            run_dir = claim_run_dir(args.output, f"{image_path.stem}-views")
+            record = new_record(run_dir, cfg, mode="views", input=str(image_path), mask=args.mask)
+            if not cfg.gate.enabled:
+                print("warning: the safety checker is disabled (--no-safety-check); this is recorded in run.json", file=sys.stderr)
+            views = run_novel_views(image_path, cfg, run_dir, record, request, mask_path=args.mask, log=log)
+            withheld = f"; {len(views.withheld)} withheld by the safety checker" if views.withheld else ""
+            print(f"done: {run_dir} ({len(views.paths)} views{withheld})")
+            return 0
         run_dir = claim_run_dir(args.output, image_path.stem)
         record = new_record(run_dir, cfg, mode="image", input=str(image_path), mask=args.mask)
         if not cfg.gate.enabled:

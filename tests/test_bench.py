@@ -653,7 +653,8 @@ def test_cpu_preset_benchmark_on_a_two_worker_ray_cluster(dataset, tmp_path, loc
     """Two objects at once, one per Ray worker, through the image path at the full CPU preset, within the bounds."""
     from recon.config import load_config
 
-    config = load_config("cpu", ["export.preview=false"])
+    # Refinement is left to the image-path and refinement tests: this one is about the Ray path.
+    config = load_config("cpu", ["export.preview=false", "refine.steps=0"])
     rows = runner.run_benchmark(dataset, ["ball", "box"], config, tmp_path / "ray", prior="reference", use_ray=True, log=lambda _: None)
     _rows_meet_the_engine_bounds(rows)
     results = json.loads((tmp_path / "ray" / "results.json").read_text())

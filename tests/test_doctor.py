@@ -34,3 +34,12 @@ def test_doctor_finds_weights_in_the_cache_and_given_paths(tmp_path, monkeypatch
     assert "Zero123 weights: ashawkey/zero123-xl-diffusers: found" in text
     assert f"safety checker weights: {checker}: found" in text
     assert "weights missing" not in text
+
+
+def test_doctor_from_the_command_line_is_one_screen_and_status_1(tmp_path, monkeypatch, capsys):
+    from recon.cli import main
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["--doctor"]) == NOT_READY
+    captured = capsys.readouterr()
+    assert "not ready:" in captured.out and "no CUDA GPU" in captured.out and "Traceback" not in captured.out + captured.err

@@ -1,0 +1,222 @@
+"""The Python API (recon.reconstruct, recon.novel_views) and the web app's backend and queue, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import recon
+from recon.config import load_config
+from recon.errors import BadInput, MissingWeights, Refused
+from test_cli import FAST, object_photo
+from test_gate import embedding, save, tiny_checker
+from tiny_zero123 import build_tiny_zero123
+
+# Even fewer steps than the CLI's FAST: these tests are about plumbing, not quality.
+TINY = FAST + ["fit.steps=4", "refine.steps=0", "export.preview_frames=2", "prior.image_size=64"]
+
+
+@pytest.fixture(scope="module")
+def prior_dir(tmp_path_factory):
+    return build_tiny_zero123(tmp_path_factory.mktemp("prior") / "tiny zero123", layout="cc_projection")
+
+
+@pytest.fixture(scope="module")
+def checker_dir(tmp_path_factory):
+    return save(tiny_checker(), tmp_path_factory.mktemp("checker") / "checker")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def flagging_checker(photo_path: Path, checker_dir: Path, target: Path) -> Path:
+    """A checker whose concept 2 is the photo (as composited on white) itself: it flags that photo."""
+    from recon.gate import load_safety_gate
+
+    gate = load_safety_gate(str(checker_dir), "cpu")
+    image = Image.open(photo_path).convert("RGBA")
+    composited = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+    checker = tiny_checker()
+    checker.concept_embeds.data[2] = embedding(gate, composited.convert("RGB"))
+    checker.concept_embeds_weights.data[2] = 0.5
+    return save(checker, target)
+
+
+def app_config(prior_dir, checker_dir, *extra):
+    return load_config("cpu", TINY + [f"prior.model={prior_dir}", f"gate.model={checker_dir}", "device=cpu", *extra])
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+
+def test_reconstruct_api_reports_progress_and_returns_the_run(workdir, prior_dir, checker_dir):
+    seen = []
+    result = recon.reconstruct(
+        object_photo(workdir / "mug.png"), config="cpu", prior=str(prior_dir), safety_checker=str(checker_dir),
+        seed=3, output=workdir / "run", overrides=TINY, progress=lambda *report: seen.append(report),
+    )
+    assert result.run_dir == workdir / "run"
+    assert result.paths["glb"] == workdir / "run" / "model.glb" and result.paths["glb"].is_file()
+    assert result.record["status"] == "ok" and result.record["seed"] == 3 and result.record["mode"] == "image"
+    assert json.loads((workdir / "run" / "run.json").read_text())["status"] == "ok"
+    stages = [stage for stage, *_ in seen]
+    assert stages.index("gate") < stages.index("prepare") < stages.index("fit") < stages.index("export")
+    fit_steps = [(step, total) for stage, step, total, _ in seen if stage == "fit" and total]
+    assert fit_steps[-1] == (4, 4) and [s for s, _ in fit_steps] == sorted(s for s, _ in fit_steps)
+    seconds = [s for *_, s in seen]
+    assert seconds == sorted(seconds)
+
+
+def test_novel_views_api_and_its_errors(workdir, prior_dir, checker_dir):
+    photo = object_photo(workdir / "mug.png")
+    result = recon.novel_views(photo, azimuth=45, samples=2, ddim_steps=1, prior=str(prior_dir), safety_checker=str(checker_dir),
+                               config="cpu", overrides=["prior.image_size=64"])
+    assert result.run_dir.parent == Path("outputs") and result.run_dir.name.startswith("mug-views-")
+    assert sorted(k for k in result.paths if k.startswith("view_")) == ["view_0", "view_1"]
+    assert result.record["status"] == "ok" and result.record["views"]["azimuth"] == 45 and result.withheld == []
+    with pytest.raises(BadInput, match="--polar must be in -90..90"):
+        recon.novel_views(photo, polar=91, prior=str(prior_dir), output=workdir / "bad")
+    assert not (workdir / "bad").exists()
+    with pytest.raises(BadInput, match="exclude each other"):
+        recon.reconstruct(photo, safety_checker=str(checker_dir), no_safety_check=True)
+
+
+def test_api_refusal_is_raised_and_recorded(workdir, checker_dir):
+    photo = object_photo(workdir / "flag me.png")
+    flagging = flagging_checker(photo, checker_dir, workdir / "flagging")
+    with pytest.raises(Refused) as caught:
+        recon.reconstruct(photo, safety_checker=str(flagging), prior=str(workdir / "unused"), output=workdir / "run", config="cpu")
+    assert caught.value.exit_code == 3
+    assert sorted(p.name for p in (workdir / "run").iterdir()) == ["run.json"]
+    assert json.loads((workdir / "run" / "run.json").read_text())["status"] == "refused"
+
+
+# ----------------------------------------------------------------------------- the app's backend
+
+
+def test_flagged_upload_leaves_only_the_refusal_record(workdir, prior_dir, checker_dir):
+    from recon.app import DemoBackend
+
+    photo = object_photo(workdir / "flag me.png")
+    backend = DemoBackend(app_config(prior_dir, flagging_checker(photo, checker_dir, workdir / "flagging")))
+    with pytest.raises(Refused, match="flagged"):
+        backend.check_upload(str(photo))
+    with pytest.raises(Refused):
+        backend.novel_views(str(photo), None, 0, 0, 90, 0, 1, 3, 1)  # judged again before generating
+    runs = sorted((workdir / "outputs").iterdir())
+    assert len(runs) == 2 and all(sorted(p.name for p in run.iterdir()) == ["run.json"] for run in runs)
+    record = json.loads((runs[0] / "run.json").read_text())
+    assert record["status"] == "refused" and record["mode"] == "upload" and record["safety"]["flagged"] is True
+
+
+def test_app_fails_closed_without_checker_weights_and_shows_a_banner_when_off(workdir, prior_dir, checker_dir):
+    from recon.app import DemoBackend
+
+    photo = str(object_photo(workdir / "mug.png"))
+    closed = DemoBackend(app_config(prior_dir, workdir / "no-such-checker"))
+    assert "Images are refused" in closed.banner()
+    with pytest.raises(MissingWeights, match="safety checker"):
+        closed.check_upload(photo)
+    off = DemoBackend(app_config(prior_dir, checker_dir, "gate.enabled=false"))
+    assert "Safety checker OFF" in off.banner()
+    assert off.check_upload(photo).message.startswith("Safety checker off")
+    passing = DemoBackend(app_config(prior_dir, checker_dir))
+    checked = passing.check_upload(photo)
+    assert passing.banner() == "" and "passed" in checked.message and checked.prepared.size == (256, 256)
+    assert not (workdir / "outputs").exists()  # a passing check writes nothing
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_reconstructions_submitted_at_once_run_one_after_the_other_after_a_failed_one(workdir, prior_dir, checker_dir, monkeypatch):
+    pytest.importorskip("gradio", reason="the web app is the optional 'demo' extra; CI installs it")
+    from gradio_client import Client, handle_file
+
+    import recon.api
+    from recon.app import DemoBackend, build_app, launch
+
+    spans, calls, real = [], [], recon.api.reconstruct
+
+    def timed(*args, **kwargs):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the first job")  # it must free the device for the others
+        started = time.monotonic()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            spans.append((started, time.monotonic(), threading.current_thread().name))
+
+    monkeypatch.setattr(recon.api, "reconstruct", timed)
+    backend = DemoBackend(app_config(prior_dir, checker_dir, "export.preview=false"))  # the app turns it back on to judge the turntable
+    app = build_app(backend)
+    port = free_port()
+    launch(app, backend, "127.0.0.1", port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        photo = handle_file(str(object_photo(workdir / "mug.png")))
+        failing = client.submit(photo, None, 0, api_name="/reconstruct")
+        assert failing.result(timeout=60)[1].startswith("Internal error: RuntimeError: a bug in the first job")
+        jobs = [client.submit(photo, None, 0, api_name="/reconstruct") for _ in range(2)]
+        results = [job.result(timeout=240) for job in jobs]
+    finally:
+        app.close()
+    for glb, message, *_ in results:
+        assert glb and Path(glb).suffix == ".glb" and Path(glb).stat().st_size > 0, message
+        assert message.startswith("Done")
+    assert len(spans) == 2
+    (start_a, end_a, _), (start_b, end_b, _) = sorted(spans)
+    assert end_a <= start_b, "the second reconstruction started before the first finished"
+    runs = sorted((workdir / "outputs").iterdir())
+    records = [json.loads((run / "run.json").read_text()) for run in runs]
+    assert len(runs) == 2 and all(r["status"] == "ok" and r["outputs_checked"]["frames"] > 0 for r in records)
+
+
+class FlagsTurntable:
+    """A stand-in checker: passes the photo (96x96), flags the 64x64 turntable frames."""
+
+    def check(self, image):
+        from recon.gate import SafetyVerdict
+
+        flagged = image.size == (64, 64)
+        return SafetyVerdict(flagged, [0.1 if flagged else -0.5], [], 1.0, "stand-in")
+
+
+def test_a_flagged_turntable_withholds_the_asset(workdir, prior_dir, checker_dir):
+    from recon.app import DemoBackend
+
+    backend = DemoBackend(app_config(prior_dir, checker_dir))
+    backend.gate = FlagsTurntable()
+    with pytest.raises(Refused, match="turntable"):
+        backend.reconstruct(str(object_photo(workdir / "mug.png")), None, 0.0)
+    (run,) = (workdir / "outputs").iterdir()
+    left = sorted(p.name for p in run.iterdir())
+    assert not {"model.glb", "model.obj", "model_texture.png", "preview.png", "checkpoint.pt"} & set(left), left
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "refused" and record["withheld"].startswith("asset") and record["outputs"] == {}
+    assert record["outputs_checked"]["frames"] == 2 + 1 and record["outputs_checked"]["flagged"] == [0, 1]
+
+
+def test_demo_without_gradio_or_with_ray_is_refused_in_one_line(monkeypatch):
+    import sys
+
+    from recon.app import serve
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if the 'demo' extra were not installed
+    with pytest.raises(BadInput, match=r'pip install -e "\.\[demo\]"'):
+        serve(load_config("cpu"))
+    with pytest.raises(BadInput, match="not supported yet"):
+        serve(load_config("cpu"), ray_address="auto")
