@@ -16,26 +16,9 @@ from recon.config import load_config
 from recon.errors import BadInput, MissingWeights, Refused
 from test_cli import FAST, object_photo
 from test_gate import embedding, save, tiny_checker
-from tiny_zero123 import build_tiny_zero123
 
 # Even fewer steps than the CLI's FAST: these tests are about plumbing, not quality.
 TINY = FAST + ["fit.steps=4", "refine.steps=0", "export.preview_frames=2", "prior.image_size=64"]
-
-
-@pytest.fixture(scope="module")
-def prior_dir(tmp_path_factory):
-    return build_tiny_zero123(tmp_path_factory.mktemp("prior") / "tiny zero123", layout="cc_projection")
-
-
-@pytest.fixture(scope="module")
-def checker_dir(tmp_path_factory):
-    return save(tiny_checker(), tmp_path_factory.mktemp("checker") / "checker")
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def flagging_checker(photo_path: Path, checker_dir: Path, target: Path) -> Path:

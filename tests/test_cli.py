@@ -14,7 +14,6 @@ import recon.fit
 from recon.bench.procedural import crate, save_obj
 from recon.cli import main
 from test_gate import embedding, save, tiny_checker
-from tiny_zero123 import build_tiny_zero123
 
 # Small enough that a whole run takes seconds on a CPU.
 FAST = [
@@ -44,22 +43,6 @@ def object_photo(path: Path, size=96) -> Path:
     rgba[..., 3] = inside * 255
     Image.fromarray(rgba, "RGBA").save(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def prior_dir(tmp_path_factory):
-    return build_tiny_zero123(tmp_path_factory.mktemp("prior") / "tiny zero123", layout="cc_projection")
-
-
-@pytest.fixture(scope="module")
-def checker_dir(tmp_path_factory):
-    return save(tiny_checker(), tmp_path_factory.mktemp("checker") / "checker")
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def run(*argv):

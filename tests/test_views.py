@@ -17,26 +17,9 @@ from recon.prepare import foreground_mask, load_image, prepare_reference
 from recon.views import NovelViewSampler, request_from, run_novel_views
 from test_cli import object_photo, one_error_line, run
 from test_gate import embedding, save, tiny_checker
-from tiny_zero123 import build_tiny_zero123
 
 FEW = ["--samples", 2, "--ddim-steps", 1]
 SMALL = "prior.image_size=64"  # the tiny UNet's attention at 256x256 costs seconds a step on a CPU
-
-
-@pytest.fixture(scope="module")
-def prior_dir(tmp_path_factory):
-    return build_tiny_zero123(tmp_path_factory.mktemp("prior") / "tiny zero123", layout="cc_projection")
-
-
-@pytest.fixture(scope="module")
-def checker_dir(tmp_path_factory):
-    return save(tiny_checker(), tmp_path_factory.mktemp("checker") / "checker")
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def reference_of(path: Path, size: int = 256):
