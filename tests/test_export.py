@@ -1,6 +1,9 @@
 import json
+import os
 import pathlib
+import shutil
 import struct
+import subprocess
 
 import numpy as np
 import pytest
@@ -248,6 +251,25 @@ def test_glb_container_is_valid(tmp_path):
     image_view = gltf["bufferViews"][gltf["images"][0]["bufferView"]]
     png = binary[image_view["byteOffset"] : image_view["byteOffset"] + image_view["byteLength"]]
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and gltf["images"][0]["mimeType"] == "image/png"
+
+
+VALIDATOR_SCRIPT = pathlib.Path(__file__).resolve().parent.parent / ".ci" / "gltf_validate.js"
+VALIDATOR_MODULES = VALIDATOR_SCRIPT.parent / "node_modules"  # .ci/run installs gltf-validator there
+
+
+@pytest.mark.skipif(shutil.which("node") is None or not (VALIDATOR_MODULES / "gltf-validator").is_dir(), reason="needs node and npm's gltf-validator (.ci/run installs them)")
+@pytest.mark.parametrize("mode", ["texture", "vertex colours", "plain"])
+def test_exported_glb_passes_the_khronos_validator(tmp_path, mode):
+    box = _tall_box()
+    if mode == "vertex colours":
+        box = MeshData(box.vertices, box.faces, vertex_colors=torch.rand(len(box.vertices), 3))
+    elif mode == "plain":
+        box = MeshData(box.vertices, box.faces)
+    glb = export_asset(box, tmp_path, formats=("glb",))["glb"]
+    result = subprocess.run(["node", str(VALIDATOR_SCRIPT), str(glb)], capture_output=True, text=True, timeout=60, env={**os.environ, "NODE_PATH": str(VALIDATOR_MODULES)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["errors"] == 0 and report["warnings"] == 0, report["messages"]
 
 
 def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
