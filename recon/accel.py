@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, Optional, TypeVar
 
+from recon.errors import one_line
+
 log = logging.getLogger("recon")
 
 T = TypeVar("T")
@@ -30,8 +32,8 @@ def notice(message: str) -> None:
 
 
 def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    """``Type: first line of the message`` (the type alone when there is no message)."""
+    return f"{type(error).__name__}: {one_line(error)}" if str(error).strip() else type(error).__name__
 
 
 def probe(name: str, build: Callable[[], T], fallback: str) -> Optional[T]:

@@ -11,7 +11,6 @@ its ``exit_code``) after the record is finished. The web app uses this API.
 
 from __future__ import annotations
 
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -180,22 +179,13 @@ def _finished_on_error(record, run_dir: Path):
         raise
 
 
-# The fit (and the pipeline's later stages) make their own progress bars
-# (``Progress`` in recon.fit and recon.pipeline) and the pipeline has no progress
-# hook, so a run that reports progress swaps in a bar that also calls back. The
-# swap is process-wide: one reporting run at a time holds it.
-_PROGRESS_LOCK = threading.Lock()
-
-
 @contextmanager
 def _reporting(progress: Optional[ProgressCallback], started: float):
     """A ``log`` for the pipeline that reports stages, with the steps of each bar reported too."""
     if progress is None:
         yield None
         return
-    import recon.fit
-    import recon.pipeline
-    from recon.progress import Progress
+    from recon.progress import listening
 
     stage = {"name": "start"}
 
@@ -204,17 +194,8 @@ def _reporting(progress: Optional[ProgressCallback], started: float):
             stage["name"] = message[1:-1]
             progress(stage["name"], 0, 0, time.monotonic() - started)
 
-    class ReportingProgress(Progress):
-        def update(self, n: int = 1, **stats) -> None:
-            super().update(n, **stats)
-            progress(stage["name"], self.count, self.total, time.monotonic() - started)
+    def on_step(description: str, count: int, total: int) -> None:
+        progress(stage["name"], count, total, time.monotonic() - started)
 
-    modules = [m for m in (recon.fit, recon.pipeline) if getattr(m, "Progress", None) is Progress]
-    with _PROGRESS_LOCK:
-        for module in modules:
-            module.Progress = ReportingProgress
-        try:
-            yield log
-        finally:
-            for module in modules:
-                module.Progress = Progress
+    with listening(on_step):
+        yield log

@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Optional
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator, Optional
 
 from tqdm import tqdm
+
+
+# Who else hears of each bar's progress in this thread: the Python API's and the
+# web app's callbacks, set with :func:`listening` around a run.
+_LISTENER: ContextVar[Optional[Callable[[str, int, int], None]]] = ContextVar("recon_progress_listener", default=None)
+
+
+@contextmanager
+def listening(callback: Callable[[str, int, int], None]) -> Iterator[None]:
+    """Within the block (this thread or task only), every bar's update also calls ``callback(description, count, total)``."""
+    token = _LISTENER.set(callback)
+    try:
+        yield
+    finally:
+        _LISTENER.reset(token)
 
 
 class Progress:
@@ -25,6 +42,9 @@ class Progress:
 
     def update(self, n: int = 1, **stats) -> None:
         self.count += n
+        listener = _LISTENER.get()
+        if listener is not None:
+            listener(self.description, self.count, self.total)
         if self._bar is not None:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items()}, refresh=False)
             self._bar.update(n)
