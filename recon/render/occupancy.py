@@ -4,8 +4,10 @@ Two implementations of one function. On CUDA, nerfacc's ``OccGridEstimator``
 (fused kernels). Elsewhere a pure-PyTorch grid with the same update rule
 (exponential moving max of per-step opacity, binarised against
 ``min(mean, threshold)``) and the same sampling rule (fixed steps from where
-the ray enters the box, kept only in occupied cells). Both return packed
-samples sorted by ray: ``(ray_indices [S], t_starts [S], t_ends [S])``.
+the ray enters the box, kept where their midpoint lies in an occupied cell
+and before the box exit). Both return packed samples sorted by ray:
+``(ray_indices [S], t_starts [S], t_ends [S])``. The rule, as read from
+nerfacc's source, is written out in :class:`TorchOccupancyGrid`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from recon.render import occupancy_cpu
 
 Samples = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-EARLY_STOP_EPS = 1e-4  # nerfacc's default: a ray this opaque has finished
+EARLY_STOP_EPS = 1e-4  # nerfacc's default: a sample counts while the transmittance before it is at least this
 
 
 def exclusive_sum_per_ray(values: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
@@ -37,13 +39,14 @@ def exclusive_sum_per_ray(values: torch.Tensor, ray_indices: torch.Tensor, n_ray
 
 
 def before_opaque(densities: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
-    """Which packed samples [S] a ray reaches while its transmittance is above ``EARLY_STOP_EPS`` (nerfacc's early stop).
+    """Which packed samples [S] a ray reaches while its transmittance is at least ``EARLY_STOP_EPS`` (nerfacc's early stop).
 
-    Transmittance before sample i is ``exp(-sum_{j < i on its ray} sigma_j (t_end_j - t_start_j))``.
+    Transmittance before sample i is ``exp(-sum_{j < i on its ray} sigma_j (t_end_j - t_start_j))``;
+    nerfacc's ``render_visibility_from_density`` keeps ``transmittance >= early_stop_eps``.
     """
     # Past an optical depth of 30 (transmittance 1e-13) more makes no difference; the cap keeps the sums small.
     optical_depth = (densities * (t_ends - t_starts)).clamp(max=30.0)
-    return torch.exp(-exclusive_sum_per_ray(optical_depth, ray_indices, n_rays)) > EARLY_STOP_EPS
+    return torch.exp(-exclusive_sum_per_ray(optical_depth, ray_indices, n_rays)) >= EARLY_STOP_EPS
 
 
 MARCH_SLAB = 8  # samples per ray evaluated per round by evaluate_until_opaque
@@ -54,7 +57,7 @@ def evaluate_until_opaque(evaluate: Callable, t_starts: torch.Tensor, t_ends: to
 
     ``evaluate(index)`` gives the densities [K] (and any other per-sample
     tensors, as a tuple) of the samples ``index`` [K]. Samples are evaluated
-    ``slab`` per ray per round; a ray stops once its transmittance is at most
+    ``slab`` per ray per round; a ray stops once its transmittance is below
     ``EARLY_STOP_EPS``. Returns ``(index [M], densities [M], *others)`` of the
     samples :func:`before_opaque` keeps, in packed order: the same samples,
     without evaluating the ones behind an opaque surface. ``S`` must be > 0.
@@ -67,7 +70,7 @@ def evaluate_until_opaque(evaluate: Callable, t_starts: torch.Tensor, t_ends: to
     rays = counts.nonzero().squeeze(1)  # rays still marching, ascending
     buffers, kept = None, []
     for start in range(0, int(counts.max()) if counts.numel() else 0, slab):
-        rays = rays[(counts[rays] > start) & (depth[rays] < opaque_depth)]
+        rays = rays[(counts[rays] > start) & (depth[rays] <= opaque_depth)]
         if rays.numel() == 0:
             break
         # the next ``slab`` samples of each marching ray: sorted by ray, then t
@@ -82,7 +85,7 @@ def evaluate_until_opaque(evaluate: Callable, t_starts: torch.Tensor, t_ends: to
         sample_rays = ray_indices[index]
         optical = (outputs[0] * (t_ends[index] - t_starts[index])).clamp(max=30.0).double()
         before = depth[sample_rays] + exclusive_sum_per_ray(optical, sample_rays, n_rays)
-        kept.append(index[before < opaque_depth])
+        kept.append(index[before <= opaque_depth])
         depth.index_add_(0, sample_rays, optical)
     kept = torch.sort(torch.cat(kept)).values  # back to the packed order
     return (kept,) + tuple(buffer[kept] for buffer in buffers)
@@ -113,15 +116,18 @@ def march_occupied(
 
     Rays [R, 3] step from their box entry ``t_near`` [R]: step ``k`` spans
     ``t_near + (k + offsets) * step_size`` plus ``step_size`` (``offsets`` [R]
-    in [0, 1): stratification), for ``k < n_steps``. A step is kept when it
-    ends before ``t_far`` [R] and its midpoint lies in a cell where ``binary``
-    [G, G, G] (over the box [-radius, radius]^3) is set. The pure-PyTorch
-    reference of :func:`recon.render.occupancy_cpu.march_occupied`.
+    in [0, 1): stratification), for ``k < n_steps``. A step is kept when its
+    midpoint lies before ``t_far`` [R] and in a cell where ``binary``
+    [G, G, G] (over the box [-radius, radius]^3) is set: nerfacc's
+    ``traverse_grids``, whose last step may end up to half a step past
+    ``t_far``. The pure-PyTorch reference of
+    :func:`recon.render.occupancy_cpu.march_occupied`.
     """
     t_starts = t_near[:, None] + (torch.arange(n_steps, device=origins.device)[None] + offsets[:, None]) * step_size
     t_ends = t_starts + step_size
-    midpoints = origins[:, None] + directions[:, None] * (0.5 * (t_starts + t_ends))[..., None]
-    keep = (t_ends <= t_far[:, None]) & occupied_cells(midpoints, binary, radius)
+    t_mid = 0.5 * (t_starts + t_ends)
+    midpoints = origins[:, None] + directions[:, None] * t_mid[..., None]
+    keep = (t_mid < t_far[:, None]) & occupied_cells(midpoints, binary, radius)
     ray_indices, step_indices = keep.nonzero(as_tuple=True)  # row-major: sorted by ray, then t
     return ray_indices, t_starts[ray_indices, step_indices], t_ends[ray_indices, step_indices]
 
@@ -136,7 +142,34 @@ def occupied_cells(points: torch.Tensor, binary: torch.Tensor, radius: float) ->
 
 
 class TorchOccupancyGrid:
-    """Occupancy grid in plain PyTorch (CPU path, and the reference for the CUDA one)."""
+    """Occupancy grid in plain PyTorch (CPU path, and the reference for the CUDA one).
+
+    The rule nerfacc 0.5.3 applies (``OccGridEstimator._update`` and
+    ``sampling``, ``traverse_grids`` in ``cuda/csrc/grid.cu``), which this grid follows:
+
+    * update: one point per refreshed cell, uniform inside it
+      (``(index + rand) / resolution`` over the box); ``occ = max(occ * ema_decay,
+      occ_eval_fn(point))`` with ``ema_decay`` 0.95; then ``binary = occ > thre``
+      where ``thre = min(mean(occ), occ_thre)``, the mean over every cell not
+      marked invisible (recon marks none), ``occ_thre`` 0.01 by default;
+    * which cells: all of them while ``step < warmup_steps`` (256), afterwards
+      a quarter of the cells drawn uniformly plus up to as many occupied ones;
+    * sampling: per ray ``t0 = max(near_plane, t_min)`` (plus ``rand *
+      step`` when stratified), steps ``[t0 + k step, t0 + (k + 1) step]``,
+      kept while the midpoint is before ``min(far_plane, t_max)`` and lies in
+      an occupied cell (cells are walked with a DDA; a step belongs to the
+      cell of its midpoint);
+    * with ``sigma_fn``: samples kept while the transmittance before them is
+      ``>= early_stop_eps`` (1e-4); ``alpha_thre`` (default 0, unused here)
+      would be capped at ``mean(occ)``.
+
+    Where recon differs, on purpose: every update refreshes every cell (the
+    warmup rule throughout: at recon's resolutions of 32-128 cells a side that
+    is cheap, and a grid that never skips a cell cannot keep a stale one); the
+    grid starts all occupied rather than all empty (nothing is skipped before
+    the first update); random draws come from the caller's generator, so
+    runs and resumes repeat (nerfacc draws from the device's global RNG).
+    """
 
     def __init__(self, radius: float, resolution: int, device):
         self.radius = radius
@@ -159,8 +192,9 @@ class TorchOccupancyGrid:
         """Refresh every cell from ``thickness_fn`` at a random point inside it.
 
         ``thickness_fn``: world points [P, 3] -> optical thickness of one
-        marching step there, density x step size [P] (nerfacc's ``occ_eval_fn``);
-        a cell whose running maximum falls below ``threshold`` is skipped.
+        marching step there, density x step size [P] (nerfacc's ``occ_eval_fn``).
+        A cell is occupied while its running maximum is above
+        ``min(mean over the cells, threshold)`` (nerfacc's ``occ_thre``).
         """
         cells = self._cell_centres().float()
         jitter = torch.rand(cells.shape, generator=generator).to(self.device)
@@ -213,7 +247,13 @@ class TorchOccupancyGrid:
 
 
 class NerfaccOccupancyGrid:
-    """nerfacc's CUDA occupancy grid behind the same interface."""
+    """nerfacc's CUDA occupancy grid behind the same interface.
+
+    Stratification offsets are drawn here from the caller's generator and
+    passed to nerfacc as the start of each ray (``t_min``), so given the same
+    grid and generator this grid's samples are the torch grid's. The update's
+    jitter is nerfacc's own (the device's RNG).
+    """
 
     def __init__(self, radius: float, resolution: int, device):
         import nerfacc
@@ -241,6 +281,9 @@ class NerfaccOccupancyGrid:
 
     def sample(self, origins, directions, step_size: float, stratified: bool, sigma_fn=None, generator=None) -> Samples:
         t_near, t_far = ray_box_intersection(origins, directions, self.radius)
+        if stratified:
+            # nerfacc's stratification (start + rand * step), with recon's generator
+            t_near = t_near + torch.rand(origins.shape[0], generator=generator).to(origins.device) * step_size
         ray_indices, t_starts, t_ends = self.estimator.sampling(
             origins.contiguous(),
             directions.contiguous(),
@@ -249,7 +292,7 @@ class NerfaccOccupancyGrid:
             t_min=t_near.contiguous(),
             t_max=t_far.clamp(min=0.0).contiguous(),
             render_step_size=step_size,
-            stratified=stratified,
+            stratified=False,
         )
         return ray_indices.long(), t_starts, t_ends
 

@@ -9,7 +9,8 @@ them, into packed arrays sorted by ray and distance, with the same float32
 arithmetic as the reference:
 
     t_start[k] = t_near + (k + offset) * step,   t_end[k] = t_start[k] + step
-    keep step k  iff  t_end[k] <= t_far  and the cell of its midpoint is occupied
+    t_mid[k] = (t_start[k] + t_end[k]) / 2
+    keep step k  iff  t_mid[k] < t_far  and the cell of t_mid[k] is occupied
 
 Built on first use; where numba cannot build it the reference runs instead
 (one notice, :mod:`recon.accel`).

@@ -25,9 +25,9 @@ def march(origins, directions, t_near, t_far, offsets, step, n_steps, binary, ra
         for k in range(n_steps):
             t_start = t_near[ray] + (np.float32(k) + offsets[ray]) * step
             t_end = t_start + step
-            if t_end > t_far[ray]:
-                break  # t grows with k: every later step is past the box too
             t_mid = np.float32(0.5) * (t_start + t_end)
+            if t_mid >= t_far[ray]:
+                break  # t grows with k: every later step is past the box too
             ix = cell_index(origins[ray, 0] + directions[ray, 0] * t_mid, radius, resolution)
             iy = cell_index(origins[ray, 1] + directions[ray, 1] * t_mid, radius, resolution)
             iz = cell_index(origins[ray, 2] + directions[ray, 2] * t_mid, radius, resolution)
