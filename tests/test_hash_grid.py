@@ -1,5 +1,6 @@
 """The hash-grid encoding against a plain per-level, per-corner reference of tiny-cuda-nn's grid."""
 
+import importlib.util
 import itertools
 import math
 
@@ -7,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from recon import accel
 from recon.config import FieldConfig, load_config
 from recon.errors import BadInput
-from recon.field.hash_grid import HashGrid, make_hash_grid
+from recon.field.hash_grid import TCNN, HashGrid, make_hash_grid
 
 # A small grid with both kinds of level: resolutions 4, 8, 13 are dense in a
 # 2**12 table, 24, 42, 76 are hashed.
@@ -183,7 +185,7 @@ def test_make_hash_grid_on_cpu():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_matches_cpu_and_tcnn():
+def test_cuda_matches_cpu():
     grid = make_grid(SMALL)
     x = torch.rand(4096, 3, generator=torch.Generator().manual_seed(3))
     x_cpu, x_gpu = x.clone().requires_grad_(True), x.cuda().requires_grad_(True)
@@ -197,16 +199,62 @@ def test_cuda_matches_cpu_and_tcnn():
     torch.testing.assert_close(gpu.params.grad.cpu(), grid.params.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(x_gpu.grad.cpu(), x_cpu.grad, rtol=1e-4, atol=1e-3)
 
-    try:
-        import tinycudann  # noqa: F401
-    except Exception:
-        return
-    cfg = FieldConfig(n_levels=6, n_features_per_level=2, log2_hashmap_size=12, base_resolution=4, per_level_scale=1.8)
-    fused = make_hash_grid(cfg, "cuda")
-    assert not isinstance(fused, HashGrid)
+
+ON_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+WITH_TCNN = ON_CUDA + [pytest.mark.skipif(importlib.util.find_spec("tinycudann") is None, reason="needs tinycudann")]
+
+
+def tcnn_grid(config):
+    """tiny-cuda-nn's grid for ``config`` on the GPU; skips where tinycudann is installed but does not run."""
+    fused = make_hash_grid(FieldConfig(**config), "cuda")
+    if isinstance(fused, HashGrid):
+        pytest.skip(f"needs a working tinycudann: {accel.report().get(TCNN)}")
+    return fused
+
+
+@pytest.mark.parametrize("implementation", ["torch-cpu", pytest.param("torch-cuda", marks=ON_CUDA), pytest.param("tcnn-cuda", marks=WITH_TCNN)])
+def test_dense_levels_interpolate_a_linear_table_exactly(implementation):
+    """d-linear interpolation reproduces a linear function: vertex values a . v + b give a . pos + b at pos = x * scale + 0.5."""
+    weights = torch.tensor([[0.05, -0.03, 0.02, 0.1], [-0.02, 0.04, 0.06, -0.3]])  # per feature: a, then b
+    reference = HashGrid(**SMALL)
+    table = torch.zeros(reference.params.numel() // 2, 2)
+    offset = 0
+    for size, dense, resolution in zip(reference.level_sizes, reference.level_is_dense, reference.resolutions):
+        if dense:
+            index = torch.arange(resolution**3)  # x fastest
+            vertex = torch.stack([index % resolution, index // resolution % resolution, index // resolution**2], -1).float()
+            table[offset : offset + resolution**3] = vertex @ weights[:, :3].T + weights[:, 3]
+        offset += size
+    assert reference.level_is_dense == [True, True, True, False, False, False]
+    device = implementation.split("-")[1]
+    grid = tcnn_grid(SMALL) if implementation == "tcnn-cuda" else HashGrid(**SMALL).to(device)
+    grid.load_state_dict({"params": table.reshape(-1).to(device)})
+    # below 0.8 every cell's upper vertex is on the grid (at 1 the last one wraps around)
+    x = 0.02 + 0.78 * torch.rand(1000, 3, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = grid(x.to(device)).cpu()
+    for level in range(3):
+        pos = x * reference.scales[level] + 0.5
+        expected = pos @ weights[:, :3].T + weights[:, 3]
+        tolerance = 1e-2 if implementation == "tcnn-cuda" else 1e-5  # tcnn interpolates in half precision
+        torch.testing.assert_close(out[:, 2 * level : 2 * level + 2], expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(importlib.util.find_spec("tinycudann") is None, reason="needs tinycudann")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tcnn_matches_the_torch_hash_grid():
+    """Same config, same parameters: the same encoding and table gradient, up to tcnn's half precision."""
+    grid = make_grid(SMALL)
+    fused = tcnn_grid(SMALL)
     assert fused.n_output_dims == 12
-    # Same config, same params -> same grid (up to tcnn's half precision).
     fused.load_state_dict(grid.state_dict())
-    out_fused = fused(x.cuda())
+    x = torch.rand(4096, 3, generator=torch.Generator().manual_seed(3))
+    out, out_fused = grid(x), fused(x.cuda())
     assert out_fused.shape == (4096, 12) and out_fused.dtype == torch.float32
-    torch.testing.assert_close(out_fused.cpu(), out_cpu.detach(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out_fused.cpu(), out.detach(), rtol=1e-2, atol=1e-2)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    (out * upstream).sum().backward()
+    (out_fused * upstream.cuda()).sum().backward()
+    error = (fused.params.grad.cpu() - grid.params.grad).norm() / grid.params.grad.norm()
+    assert error < 1e-2
