@@ -103,9 +103,10 @@ def rasterize(
     pixel_xy = pixel_xy.float()
     depth = depth.float()
 
-    # Every (view, face) pair is one triangle to draw.
-    tri_xy = pixel_xy[:, faces].reshape(-1, 3, 2)  # [N*F, 3, 2]
-    tri_z = depth[:, faces].reshape(-1, 3)  # [N*F, 3]
+    # Every (view, face) pair is one triangle to draw. The z-buffer holds integers only, so it is
+    # built without autograd's history; gradients reach the barycentrics in _resolve.
+    tri_xy = pixel_xy.detach()[:, faces].reshape(-1, 3, 2)  # [N*F, 3, 2]
+    tri_z = depth.detach()[:, faces].reshape(-1, 3)  # [N*F, 3]
 
     # Pixel i has its centre at i + 0.5, so it is in [lo, hi] when ceil(lo - 0.5) <= i <= floor(hi - 0.5).
     # Clamping before the int conversion keeps huge coordinates (vertices near the camera plane) finite.
@@ -213,6 +214,74 @@ def _resolve(zbuffer, pixel_xy, depth, faces, n_views, height, width) -> Fragmen
     )
 
 
+def antialias_edges(image: torch.Tensor, face_id: torch.Tensor, pixel_xy: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Blend a hard render [N, H, W, C] across its silhouette edges, differentiably in ``pixel_xy``.
+
+    ``face_id`` [N, H, W] is the render's (-1 where empty), ``pixel_xy`` [N, V, 2] the projected
+    vertices it was rasterised from (``recon.camera.project``), ``faces`` [F, 3].
+
+    Which pixel centres a face covers is a step function of its vertices, so a hard render has no
+    gradient that moves a silhouette. After nvdiffrast's antialiasing (Laine et al. 2020, "Modular
+    primitives for high-performance differentiable rendering"): take each pair of horizontally or
+    vertically adjacent pixels p, q where the face f at p ends and what lies behind it shows at q
+    (the background, or a face that also covers p's centre, so continues behind f). The edge of f
+    that the segment from p's centre to q's leaves through crosses it at a fraction t from p. A
+    pixel-wide box filter would see f cover 0.5 + t of p and t - 0.5 of q, so p takes
+    max(0.5 - t, 0) of q's colour and q takes max(t - 0.5, 0) of p's. The result is the hard render
+    where the edge lies midway between the centres, is continuous as the edge sweeps over a centre,
+    and its gradient moves the edge through t.
+
+    Each crossing is blended once: horizontal pairs take edges steeper than 45 degrees, vertical pairs
+    the others. Only the edges of the face at p are candidates, so a sliver face between p's face and
+    the true outline that covers no pixel centre puts the blended edge slightly inside.
+    """
+    n_views, height, width, channels = image.shape
+    device = image.device
+    face = face_id.reshape(-1)
+    index = torch.arange(face.numel(), device=device).view(n_views, height, width)
+    first, second, steps = [], [], []
+    for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        # every pixel whose neighbour (dx, dy) is inside the image, with that neighbour
+        p = index[:, max(-dy, 0) : height - max(dy, 0), max(-dx, 0) : width - max(dx, 0)].reshape(-1)
+        q = p + dy * width + dx
+        differ = (face[p] >= 0) & (face[p] != face[q])
+        first.append(p[differ])
+        second.append(q[differ])
+        steps.append(torch.tensor([dx, dy], device=device).expand(int(differ.sum()), 2))
+    p, q, step = torch.cat(first), torch.cat(second), torch.cat(steps).float()
+
+    view = torch.div(p, height * width, rounding_mode="floor")
+    rest = p - view * height * width
+    centre_p = torch.stack([rest % width, torch.div(rest, width, rounding_mode="floor")], dim=-1).float() + 0.5
+    centre_q = centre_p + step
+    with torch.no_grad():
+        tri = pixel_xy.detach()[view[:, None], faces[face[p]]]  # [M, 3, 2]
+        inside_p, inside_q = _screen_barycentrics(tri, centre_p), _screen_barycentrics(tri, centre_q)
+        # Barycentric i is affine along the segment and 0 on the edge opposite corner i:
+        # the segment leaves the triangle where the first one that turns negative reaches 0.
+        crossing = torch.where(inside_q < 0, inside_p / (inside_p - inside_q).clamp(min=1e-12), torch.full_like(inside_p, float("inf")))
+        t, edge = crossing.min(dim=1)
+        rows = torch.arange(edge.numel(), device=device)
+        direction = tri[rows, (edge + 2) % 3] - tri[rows, (edge + 1) % 3]
+        steep = direction[:, 1].abs() >= direction[:, 0].abs()
+        behind = face[q]
+        continues = (_screen_barycentrics(pixel_xy.detach()[view[:, None], faces[behind.clamp(min=0)]], centre_p) >= 0).all(dim=1)
+        keep = torch.isfinite(t) & (steep == (step[:, 0] != 0)) & ((behind < 0) | continues)
+    p, q, view, edge = p[keep], q[keep], view[keep], edge[keep]
+    centre_p, centre_q = centre_p[keep], centre_q[keep]
+
+    # The crossing again, now with gradients: only the leaving edge's barycentric matters.
+    tri = pixel_xy.float()[view[:, None], faces[face[p]]]
+    at_p = _screen_barycentrics(tri, centre_p).gather(1, edge[:, None])
+    at_q = _screen_barycentrics(tri, centre_q).gather(1, edge[:, None])
+    t = (at_p / (at_p - at_q)).clamp(0.0, 1.0)  # [M, 1]
+
+    flat = image.reshape(-1, channels)
+    difference = flat[p] - flat[q]
+    blended = flat.index_add(0, p, difference * (t - 0.5).clamp(max=0.0)).index_add(0, q, difference * (t - 0.5).clamp(min=0.0))
+    return blended.view(n_views, height, width, channels)
+
+
 def rasterize_uv(uvs: torch.Tensor, face_uvs: torch.Tensor, size: int) -> Fragments:
     """Rasterise the UV layout at texel centres (for baking), one view: [1, size, size].
 
@@ -268,6 +337,7 @@ def render_mesh(
     shading: str = "albedo",
     ssaa: int = 1,
     uv_wrap: str = "repeat",
+    antialias: bool = False,
 ) -> dict:
     """Render a mesh from each camera.
 
@@ -283,9 +353,10 @@ def render_mesh(
     over the covered samples, and face_id is the block's centre-most sample.
 
     Differentiable with respect to the texture and vertex colours, and to the
-    vertices through the barycentrics of covered pixels (coverage itself, the
-    silhouette, has no gradient). Without inputs that need gradients, autograd
-    records nothing.
+    vertices through the barycentrics of covered pixels. Coverage itself, the
+    silhouette, has a gradient only with ``antialias=True``: rgb and alpha are
+    then blended across silhouette edges (:func:`antialias_edges`) before the
+    ssaa average. Without inputs that need gradients, autograd records nothing.
     """
     if shading not in ("albedo", "lambert"):
         raise ValueError(f"unknown shading {shading!r}: use 'albedo' or 'lambert'")
@@ -336,17 +407,21 @@ def render_mesh(
     rgb = color * alpha + bg * (1.0 - alpha)
     out_depth = fragments.depth
     out_face = fragments.face_id
+    coverage = alpha
+    if antialias:
+        blended = antialias_edges(torch.cat([rgb, alpha], dim=-1), fragments.face_id, pixel_xy, faces)
+        rgb, coverage = blended[..., :3], blended[..., 3:]
 
     if ssaa > 1:
         def pool(image):  # [N, h, w, C] -> [N, H, W, C], mean over k x k blocks
             return F.avg_pool2d(image.permute(0, 3, 1, 2), ssaa).permute(0, 2, 3, 1)
 
-        coverage = pool(alpha)
-        safe = coverage.clamp(min=1e-8)
+        # depth and normals average over the covered samples of the hard render
+        safe = pool(alpha).clamp(min=1e-8)
+        coverage = pool(coverage)
         rgb = pool(rgb)
         out_depth = (pool(out_depth[..., None] * alpha) / safe).squeeze(-1)
         normal = F.normalize(pool(normal), dim=-1)
         out_face = out_face[:, ssaa // 2 :: ssaa, ssaa // 2 :: ssaa]
-        alpha = coverage
 
-    return {"rgb": rgb, "alpha": alpha, "depth": out_depth, "normal": normal, "face_id": out_face}
+    return {"rgb": rgb, "alpha": coverage, "depth": out_depth, "normal": normal, "face_id": out_face}
