@@ -119,6 +119,31 @@ def test_second_derivatives_for_normal_losses():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
 
 
+def test_recomputing_in_the_backward_pass_gives_the_same_gradients(monkeypatch):
+    """Training on many points encodes them in chunks recomputed in the backward pass:
+    values, table gradients and the second derivatives of normal losses are unchanged."""
+    import recon.field.hash_grid as hash_grid
+
+    monkeypatch.setattr(hash_grid, "RECOMPUTE_CHUNK", 64)  # several chunks for 300 points
+    grid = HashGrid(6, 2, 10, 4, 1.7)
+    grid.use_fused_cpu = False
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(300, 3, generator=generator, requires_grad=True)
+    weight = torch.randn(300, grid.n_output_dims, generator=generator)
+
+    def run(recompute: bool):
+        grid.recompute_in_backward = recompute
+        grid.params.grad = None
+        features = grid(x)
+        (dx,) = torch.autograd.grad((features * weight).sum(), x, create_graph=True)
+        (dx.square().sum() + features.square().sum()).backward()
+        return features.detach(), dx.detach(), grid.params.grad.clone()
+
+    for kept, recomputed in zip(run(False), run(True)):
+        torch.testing.assert_close(recomputed, kept, rtol=1e-5, atol=1e-6)
+    assert run(False)[2].abs().sum() > 0
+
+
 def test_points_on_the_faces_of_the_unit_cube():
     """x = 1 lands past the last vertex on some levels (the +0.5 offset): tcnn wraps, the index stays in range."""
     grid = make_grid(SMALL)

@@ -33,6 +33,7 @@ import logging
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 
 from recon.config import FieldConfig
@@ -62,6 +63,9 @@ def _combine_corners(per_axis: torch.Tensor, op, out: torch.Tensor) -> torch.Ten
         combined = op(combined.unsqueeze(2), per_axis[:, axis].unsqueeze(1)).flatten(1, 2)
     op(combined.unsqueeze(2), per_axis[:, -1].unsqueeze(1), out=out.unflatten(1, (-1, 2)))
     return out
+
+
+RECOMPUTE_CHUNK = 2**18  # points encoded at once when training on many (see HashGrid.forward)
 
 
 class HashGrid(nn.Module):
@@ -119,6 +123,7 @@ class HashGrid(nn.Module):
             torch.empty(self.n_table_entries * self.n_features_per_level).uniform_(-1e-4, 1e-4)
         )
         self.use_fused_cpu = True  # the fused CPU kernels where they apply (see forward)
+        self.recompute_in_backward = True  # keep only the points for the backward pass (see forward)
         self._layout = None
 
     @property
@@ -186,6 +191,14 @@ class HashGrid(nn.Module):
         """
         if self._can_fuse(x):
             return hash_grid_cpu.fused_encode(x.float(), self.params, self._fused_layout())
+        if self.recompute_in_backward and torch.is_grad_enabled() and x.shape[0] > RECOMPUTE_CHUNK:
+            # Every level's corner indices and values take several KB per point, in the
+            # forward pass and again in the backward. In chunks, recomputed in the backward
+            # pass, they exist for one chunk at a time and autograd keeps only the points.
+            return torch.cat([torch.utils.checkpoint.checkpoint(self._encode, part, use_reentrant=False) for part in x.split(RECOMPUTE_CHUNK)])
+        return self._encode(x)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         n_points, n_features = x.shape[0], self.n_features_per_level
         # Layout [levels, ..., points, features]: CPU kernels are fast on long contiguous
         # rows and slow when broadcasting over a short innermost dimension, so points and
