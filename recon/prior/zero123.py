@@ -50,10 +50,12 @@ def pose_vector(elevation, azimuth, distance, cond_elevation, cond_azimuth, cond
 
 
 def _moved(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    # cast only when needed: diffusers warns about casting models it loaded in the right dtype
-    if next(module.parameters()).dtype != dtype:
+    # move or cast only when needed: diffusers warns about casting models it loaded in
+    # the right dtype, and the cost model's fake-tensor modules cannot be moved at all
+    parameter = next(module.parameters())
+    if parameter.dtype != dtype:
         module = module.to(dtype=dtype)
-    return module.to(device)
+    return module if parameter.device == device else module.to(device)
 
 
 class Zero123Prior:
@@ -62,6 +64,9 @@ class Zero123Prior:
     ``components`` (already loaded weights) and ``seed`` are optional extras: by
     default the weights named by ``cfg.model`` are loaded. The prior owns the
     components: it frees the CLIP encoder and the VAE decoder after conditioning.
+    ``dtype`` (of the UNet and the VAE) defaults to float16 on CUDA with
+    ``cfg.half_precision``, else float32; the cost model sets it to price a
+    CUDA run on the CPU.
     """
 
     def __init__(
@@ -73,11 +78,14 @@ class Zero123Prior:
         *,
         components: Optional[Zero123Components] = None,
         seed: int = 0,
+        dtype: Optional[torch.dtype] = None,
     ):
         self.cfg = cfg
         self.device = torch.device(device)
         # fp16 only where it is fast and safe; CPU keeps float32 (and the same function)
-        self.dtype = torch.float16 if (cfg.half_precision and self.device.type == "cuda") else torch.float32
+        if dtype is None:
+            dtype = torch.float16 if (cfg.half_precision and self.device.type == "cuda") else torch.float32
+        self.dtype = dtype
         if components is None:
             components = load_zero123(cfg.model, self.device, self.dtype)
         if components.prediction_type != "epsilon":
@@ -120,7 +128,7 @@ class Zero123Prior:
         pixels = F.interpolate(image, size=(components.clip_size, components.clip_size), mode="bicubic", align_corners=True)
         mean = torch.tensor(components.clip_mean, device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(components.clip_std, device=self.device).view(1, -1, 1, 1)
-        encoder = components.image_encoder.to(self.device)
+        encoder = _moved(components.image_encoder, self.device, components.image_encoder.dtype)
         embedding = encoder(pixel_values=((pixels - mean) / std).to(encoder.dtype)).image_embeds.float()
         latent = self.vae.encode((image * 2.0 - 1.0).to(self.dtype)).latent_dist.mode().float()
         return embedding, latent
@@ -177,11 +185,14 @@ class Zero123Prior:
         *,
         t: Optional[torch.Tensor] = None,
         noise: Optional[torch.Tensor] = None,
+        stats: bool = True,
     ) -> dict:
         """SDS loss of renders [B, H, W, 3] in [0, 1] seen from ``cameras``.
 
         ``t`` and ``noise`` are drawn here (annealed range, the prior's generator)
-        unless given, which tests use to check the gradient by hand.
+        unless given, which tests use to check the gradient by hand. ``stats``
+        adds the mean timestep and gradient norm as floats, which read values
+        back from the device (the cost model's fake tensors have none).
         """
         cameras = cameras.to(self.device)
         latents = self.encode_images(images)
@@ -198,10 +209,8 @@ class Zero123Prior:
             noisy = sds.add_noise(latents.detach(), noise, alpha_bar)
             eps = self.predict_noise(noisy, t, cameras)
             grad = sds.sds_gradient(eps, noise, alpha_bar, self.cfg.grad_clip)
-        return {
-            "loss_sds": sds.sds_surrogate_loss(latents, grad),
-            "t": t.float().mean().item(),
-            "t_min": t_range[0],
-            "t_max": t_range[1],
-            "grad_norm": grad.flatten(1).norm(dim=1).mean().item(),
-        }
+        out = {"loss_sds": sds.sds_surrogate_loss(latents, grad), "t_min": t_range[0], "t_max": t_range[1]}
+        if stats:
+            out["t"] = t.float().mean().item()
+            out["grad_norm"] = grad.flatten(1).norm(dim=1).mean().item()
+        return out
