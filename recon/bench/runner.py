@@ -42,6 +42,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
+from recon import cluster
 from recon.bench import gso
 from recon.bench.report import write_report
 from recon.config import Config, load_config, to_dict
@@ -194,26 +195,14 @@ def _run_in_process(todo: List[Path], run_one, record) -> None:
         record(run_one(path))
 
 
-# Each task gets one CPU, and its worker process one compute thread: OpenMP's idle
-# threads busy-wait, so two workers with a thread pool each on two cores ran
-# several times slower than one worker alone.
-TASK_ENV = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
 def _run_on_ray(todo: List[Path], run_one, record, ray_address: Optional[str], log) -> None:
+    started_here = cluster.connect(ray_address)
+    import ray  # connect() has checked that it is installed
+
     try:
-        import ray
-    except ImportError:
-        raise BadInput("--ray needs Ray: pip install 'recon[bench]'") from None
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=ray_address) if ray_address else ray.init(include_dashboard=False)
-    try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        # One object per task; a task that dies (worker crash, out of memory) is
-        # recorded as failed rather than retried, like any other failure.
-        task = ray.remote(num_cpus=1, num_gpus=1 if gpus > 0 else 0, max_retries=0, runtime_env={"env_vars": TASK_ENV})(run_one)
-        log(f"ray: {len(todo)} object(s) on {ray.cluster_resources().get('CPU', 0):g} CPU(s), {gpus:g} GPU(s)")
+        task = cluster.remote_task(run_one)
+        resources = ray.cluster_resources()
+        log(f"ray: {len(todo)} object(s) on {resources.get('CPU', 0):g} CPU(s), {resources.get('GPU', 0):g} GPU(s)")
         pending = {task.remote(path): (gso.object_name(path), time.monotonic()) for path in todo}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -221,8 +210,7 @@ def _run_on_ray(todo: List[Path], run_one, record, ray_address: Optional[str], l
             try:
                 row = ray.get(done[0])
             except Exception as error:  # the task itself died: score_object never raises
-                first_line = (str(error).strip().splitlines() or [""])[0]
-                row = _failure(name, f"ray task failed: {type(error).__name__}: {first_line}", round(time.monotonic() - submitted, 3))
+                row = _failure(name, cluster.task_failure(error), round(time.monotonic() - submitted, 3))
             record(row)
     finally:
         if started_here:
