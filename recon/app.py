@@ -16,12 +16,20 @@ checker's weights the app refuses every image (fail closed) and says why.
 
 One device, many users: novel views and reconstructions share one queue slot
 (``concurrency_id="device"``, limit 1), so jobs run one after another and
-gradio shows each waiting user their place in the queue.
+gradio shows each waiting user their place in the queue. With a Ray address
+(``--ray-address``) each reconstruction is a Ray task on the cluster instead
+(see :meth:`DemoBackend.reconstruct_on_cluster`); they queue for the cluster's
+slots (``concurrency_id="cluster"``, one per GPU, or per CPU without GPUs),
+while uploads and novel views stay on this machine.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import threading
+import time
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +40,8 @@ from PIL import Image
 from recon.errors import BadInput, MissingWeights, ReconError, Refused
 
 DEVICE_QUEUE = "device"
+CLUSTER_QUEUE = "cluster"
+POLL_SECONDS = 0.5  # how often a reconstruction on the cluster asks for its progress
 OBJ_ZIP = "model_obj.zip"
 CHECKPOINT = "checkpoint.pt"  # recon.pipeline.CHECKPOINT_NAME, named here so importing the app stays light
 
@@ -44,12 +54,24 @@ class Checked:
     message: str
 
 
-class DemoBackend:
-    """The app's work, request by request. ``cfg`` is the server's resolved config."""
+class ClusterTaskFailed(Exception):
+    """A reconstruction's Ray task died (worker crash, out of memory, cancelled on the cluster) instead of raising."""
 
-    def __init__(self, cfg, outputs: Path = Path("outputs")):
+
+class DemoBackend:
+    """The app's work, request by request. ``cfg`` is the server's resolved config.
+
+    ``ray_address``: run reconstructions as tasks on that Ray cluster
+    (:meth:`reconstruct_on_cluster`); None runs them here (:meth:`reconstruct`).
+    """
+
+    def __init__(self, cfg, outputs: Path = Path("outputs"), ray_address: Optional[str] = None):
         from recon.device import choose_device
 
+        self.ray_address = ray_address
+        self.cluster_slots = 0  # reconstructions the cluster runs at once; 0 without a cluster
+        if ray_address:
+            self._connect(ray_address)  # first: a wrong address is refused before any weights load
         self.cfg = cfg
         self.outputs = Path(outputs)
         self.device = choose_device(cfg.device)
@@ -63,6 +85,21 @@ class DemoBackend:
                 self.gate = load_safety_gate(cfg.gate.model, self.device, threshold_scale=cfg.gate.threshold_scale, max_side=cfg.gate.max_side)
             except MissingWeights as error:
                 self.gate_problem = str(error)  # shown on the page; every image is refused
+
+    def _connect(self, address: str) -> None:
+        from recon import cluster
+
+        self._started_ray = cluster.connect(address)
+        self._task = cluster.remote_task(_reconstruct_task)
+        self._board = cluster.progress_board()
+        self.cluster_slots = cluster.task_slots()
+
+    def close(self) -> None:
+        """Disconnect from the Ray cluster if this backend connected (the cluster itself stays up)."""
+        if self.ray_address and self._started_ray:
+            import ray
+
+            ray.shutdown()
 
     # ------------------------------------------------------------------ the banner
 
@@ -145,12 +182,90 @@ class DemoBackend:
         from recon import api
 
         self.check_upload(photo, mask)  # again, before every reconstruction
-        # with the checker on, the turntable is always made: it is what the finished asset is judged by
-        checked = ["export.preview=true"] if self.cfg.gate.enabled else []
         result = api.reconstruct(photo, config=self.cfg, output=self._next_dir(Path(photo).stem), mask=mask, elevation=elevation,
-                                 progress=progress, overrides=checked)
+                                 progress=progress, overrides=self._judged_overrides())
+        return result, self._checked_asset(result)
+
+    async def reconstruct_on_cluster(self, photo: str, mask: Optional[str], elevation: float, progress=None):
+        """:meth:`reconstruct` as a Ray task on the cluster; the same run directory and run.json.
+
+        The safety gate judges the upload here before the task is submitted, and
+        the turntable here after it. ``progress`` hears the stage and step the
+        task posts to the progress board (polled every ``POLL_SECONDS``), and
+        ("waiting for the cluster", 0, 0, seconds) until the task's first report.
+        Cancelling this coroutine (gradio does, when a user cancels) cancels the
+        task as Ctrl-C stops a command-line run: run.json says "interrupted" and
+        the task's CPU or GPU is freed. A task that dies raises
+        :class:`ClusterTaskFailed`; its run.json is finished here.
+        """
+        import ray
+
+        await asyncio.to_thread(self.check_upload, photo, mask)  # again, before every reconstruction
+        run_dir = self._reserve_dir(Path(photo).stem)
+        job = uuid.uuid4().hex
+        options = dict(config=self.cfg, output=str(run_dir), mask=None if mask is None else str(Path(mask).resolve()),
+                       elevation=elevation, overrides=self._judged_overrides())
+        ref = self._task.remote(self._board, job, list(sys.argv), str(Path(photo).resolve()), options)
+        try:
+            result = await self._wait_for_task(ref, job, progress)
+        except BaseException:
+            # Cancelled by a user (gradio cancels this coroutine), or the progress board is
+            # gone: no task may run on that nobody waits for (a no-op if it has ended). Not
+            # force=True: a KeyboardInterrupt in the task lets the run record itself as
+            # "interrupted" and keep its checkpoint for --resume, as Ctrl-C does.
+            ray.cancel(ref)
+            raise
+        finally:
+            self._board.forget.remote(job)
+            # Whenever the task ends (now, or after a cancel reaches it), tidy what it left.
+            ref.future().add_done_callback(lambda future: _settle_run_dir(run_dir, future))
+        return result, await asyncio.to_thread(self._checked_asset, result)
+
+    async def _wait_for_task(self, ref, job: str, progress):
+        """The task's api.Result; its errors as they would be raised here, or ClusterTaskFailed."""
+        import ray.exceptions
+
+        started = time.monotonic()
+        finished = asyncio.wrap_future(ref.future())
+        while not finished.done():
+            await asyncio.wait([finished], timeout=POLL_SECONDS)
+            if progress is not None:
+                report = await self._board.latest.remote(job)
+                progress(*(report or ("waiting for the cluster", 0, 0, time.monotonic() - started)))
+        try:
+            return finished.result()
+        except ray.exceptions.RayTaskError as error:
+            # The task raised: the page shows what the same error shows in local mode
+            # (a refusal, bad input, or a bug with its traceback in the run's error.log).
+            raise (error.cause if isinstance(error.cause, Exception) else error) from None
+        except ray.exceptions.RayError as error:
+            from recon.cluster import task_failure
+
+            raise ClusterTaskFailed(task_failure(error)) from None
+
+    def _judged_overrides(self) -> List[str]:
+        # with the checker on, the turntable is always made: it is what the finished asset is judged by
+        return ["export.preview=true"] if self.cfg.gate.enabled else []
+
+    def _checked_asset(self, result) -> Optional[Path]:
+        """The turntable judged (Refused when flagged), then the OBJ zip."""
         self._judge_turntable(result)
-        return result, self._obj_zip(result)
+        return self._obj_zip(result)
+
+    def _reserve_dir(self, stem: str) -> Path:
+        """outputs/<stem>-<time>, made empty now (absolute, for a worker elsewhere).
+
+        Made here, not only named: reconstructions on the cluster run at once, so
+        two jobs started in the same second must not be given the same folder.
+        The task's run claims it as the command line claims an empty --output.
+        """
+        while True:
+            path = self._next_dir(stem).resolve()
+            try:
+                path.mkdir(parents=True)
+                return path
+            except FileExistsError:
+                continue  # another job took it between the look and the make
 
     def _locked_gate(self):
         if self.gate is None:
@@ -201,6 +316,56 @@ class DemoBackend:
         return target
 
 
+def _reconstruct_task(board, job: str, command: List[str], photo: str, options: dict):
+    """Runs on a Ray worker: :func:`recon.api.reconstruct` of ``photo``, its progress posted to ``board``.
+
+    ``command`` is the app's ``sys.argv``: run.json records it as the command
+    that made the run, as it does for a reconstruction in the app's process
+    (a Ray worker's own argv means nothing to a reader). A worker runs one task
+    at a time, so setting it for the task's length affects no other run.
+    """
+    from recon import api
+
+    def report(stage: str, step: int, total: int, seconds: float) -> None:
+        board.report.remote(job, stage, step, total, seconds)  # not waited for: the fit does not slow down
+
+    argv, sys.argv = sys.argv, list(command)
+    try:
+        return api.reconstruct(photo, progress=report, **options)
+    finally:
+        sys.argv = argv
+        board.forget.remote(job)  # after any report that reached the board after the app stopped asking
+
+
+def _settle_run_dir(run_dir: Path, future) -> None:
+    """After a cluster task ended: remove its folder if the task never claimed it; finish a run.json left "running".
+
+    A task cancelled before it started leaves the reserved, empty folder; a
+    worker that died (crash, out of memory, killed) leaves its record saying
+    "running". Runs that ended on their own have recorded how; they are left alone.
+    """
+    from recon.cluster import task_failure
+    from recon.run_record import RunRecord
+
+    if not (run_dir / "run.json").exists():
+        try:
+            run_dir.rmdir()
+        except OSError:
+            pass  # not empty: someone's files, left alone
+        return
+    try:
+        record = RunRecord.load(run_dir)
+    except ReconError:
+        return  # an empty run.json: the worker died as it claimed the folder
+    if record.data.get("status") != "running":
+        return
+    import ray.exceptions
+
+    error = None if future.cancelled() else future.exception()
+    status = "interrupted" if isinstance(error, ray.exceptions.TaskCancelledError) else "failed"
+    record.finish(status, error=task_failure(error) if error is not None else "the Ray task ended without a result")
+
+
 def _turntable_frames(paths):
     """The preview animation's frames and the contact sheet, as RGB images."""
     import imageio.v3 as iio
@@ -249,28 +414,50 @@ def build_app(backend: DemoBackend):
             return [], f"Internal error: {type(error).__name__}: {error}"
         return images, message
 
-    def on_reconstruct(photo, mask, elevation, progress=gr.Progress()):
-        if not photo:
-            return None, "Upload a photo first.", None, None, None
-
+    def reporter(progress):
         def report(stage, step, total, seconds):
             if total:
                 progress((step, total), desc=f"{stage}: step {step}/{total}, {seconds:.0f} s")
             else:
                 progress(None, desc=f"{stage}, {seconds:.0f} s")
 
-        try:
-            result, obj_zip = backend.reconstruct(photo, mask, elevation, progress=report)
-        except ReconError as error:
-            return None, _say(error), None, None, None
-        except Exception as error:  # a failed job frees the device and the server stays up
-            return None, f"Internal error: {type(error).__name__}: {error}", None, None, None
+        return report
+
+    def shown(result, obj_zip):
         paths = result.paths
         turntable = paths.get("mp4") or paths.get("gif")
         downloads = [str(p) for p in (paths.get("glb"), obj_zip) if p]
         seconds = sum(result.record.get("stage_seconds", {}).values())
         return (str(paths["glb"]) if "glb" in paths else None, f"Done in {seconds:.0f} s: {result.run_dir}",
                 str(turntable) if turntable else None, str(paths["png"]) if "png" in paths else None, downloads)
+
+    def failed(error: Exception):
+        # one line on the page and the run's outputs emptied; the job's slot is free again either way
+        if isinstance(error, ReconError):
+            message = _say(error)
+        elif isinstance(error, ClusterTaskFailed):
+            message = f"**The reconstruction failed on the Ray cluster:** {error}"
+        else:  # a bug must not take the server down; the run's error.log has the traceback
+            message = f"Internal error: {type(error).__name__}: {error}"
+        return None, message, None, None, None
+
+    def on_reconstruct(photo, mask, elevation, progress=gr.Progress()):
+        if not photo:
+            return None, "Upload a photo first.", None, None, None
+        try:
+            return shown(*backend.reconstruct(photo, mask, elevation, progress=reporter(progress)))
+        except Exception as error:
+            return failed(error)
+
+    async def on_reconstruct_on_cluster(photo, mask, elevation, progress=gr.Progress()):
+        # A coroutine, not a function gradio runs in a thread: a user's cancel
+        # reaches it as CancelledError, which cancels the Ray task too.
+        if not photo:
+            return None, "Upload a photo first.", None, None, None
+        try:
+            return shown(*await backend.reconstruct_on_cluster(photo, mask, elevation, progress=reporter(progress)))
+        except Exception as error:
+            return failed(error)
 
     with gr.Blocks(title="recon: one photo to a 3D asset") as demo:
         gr.Markdown("# recon\nOne photo of an object in, a textured 3D asset out (Zero123 score distillation). "
@@ -311,8 +498,12 @@ def build_app(backend: DemoBackend):
             event(on_upload, [photo, mask], everything, concurrency_limit=4, concurrency_id="checks")
         views_button.click(on_views, [photo, mask, elevation, polar, azimuth, zoom, samples, guidance, ddim_steps], [gallery, views_status],
                            concurrency_id=DEVICE_QUEUE, concurrency_limit=1, api_name="views")
-        run_button.click(on_reconstruct, [photo, mask, elevation], [viewer, run_status, turntable, sheet, files],
-                         concurrency_id=DEVICE_QUEUE, concurrency_limit=1, api_name="reconstruct")
+        if backend.ray_address:  # the cluster's slots, not this machine's device
+            run, queue, limit = on_reconstruct_on_cluster, CLUSTER_QUEUE, backend.cluster_slots
+        else:
+            run, queue, limit = on_reconstruct, DEVICE_QUEUE, 1
+        run_button.click(run, [photo, mask, elevation], [viewer, run_status, turntable, sheet, files],
+                         concurrency_id=queue, concurrency_limit=limit, api_name="reconstruct")
     demo.queue(default_concurrency_limit=1)
     return demo
 
@@ -326,21 +517,22 @@ def _say(error: ReconError) -> str:
 
 
 def serve(cfg, host: Optional[str] = None, port: Optional[int] = None, ray_address: Optional[str] = None) -> int:
-    """``launch.py --demo``: build the app and serve it until Ctrl-C."""
-    if ray_address:
-        raise BadInput("--ray-address with --demo is not supported yet; reconstructions run on this machine's device")
+    """``launch.py --demo``: build the app and serve it until Ctrl-C; reconstructions on the Ray cluster at ``ray_address`` if given."""
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise BadInput("--demo needs gradio: pip install -e \".[demo]\"") from None
     if cfg.prior.kind != "zero123":
         raise BadInput("--demo needs Zero123 weights (--prior ID_OR_PATH), not the reference prior")
-    backend = DemoBackend(cfg)
-    if not cfg.gate.enabled:
-        import sys
-
-        print("warning: the safety checker is disabled (--no-safety-check); the page shows a banner", file=sys.stderr)
-    launch(build_app(backend), backend, host or "127.0.0.1", port or 7860)
+    backend = DemoBackend(cfg, ray_address=ray_address)
+    try:
+        if not cfg.gate.enabled:
+            print("warning: the safety checker is disabled (--no-safety-check); the page shows a banner", file=sys.stderr)
+        if ray_address:
+            print(f"reconstructions run as Ray tasks at {ray_address}, {backend.cluster_slots} at a time", file=sys.stderr)
+        launch(build_app(backend), backend, host or "127.0.0.1", port or 7860)
+    finally:
+        backend.close()
     return 0
 
 

@@ -31,6 +31,7 @@ EXAMPLES = """examples:
   %(prog)s --views --image chair.png --polar 30 --azimuth 90 --samples 4 --output outputs/chair-views
   %(prog)s --doctor                                        # can a default run start here?
   %(prog)s --demo --port 7860                               # the web app (pip install -e ".[demo]")
+  %(prog)s --demo --ray-address auto                        # the web app, reconstructions on a Ray cluster
   %(prog)s --image mug.jpg --mask mug-mask.png --elevation 15 fit.lambda_sds=0.05
   %(prog)s --reference-mesh object.obj --config cpu        # self-check, no weights needed
   %(prog)s --export-only outputs/chair-20261125-101500 texture.size=2048 extract.resolution=384
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", metavar="DIR", help="benchmark dataset root (one folder or .zip per object)")
     p.add_argument("--objects", metavar="LIST", help="benchmark: file with one object name per line")
     p.add_argument("--ray", action="store_true", help="benchmark: one object per Ray task on a local Ray cluster")
-    p.add_argument("--ray-address", metavar="ADDR", help="benchmark: connect to a running Ray cluster, e.g. --ray-address auto")
+    p.add_argument("--ray-address", metavar="ADDR", help="benchmark and --demo: run on a running Ray cluster (one object or reconstruction per task, a GPU each when it has GPUs), e.g. --ray-address auto")
     p.add_argument("--host", metavar="H", help="--demo: address to listen on (default 127.0.0.1; 0.0.0.0 for every interface), e.g. --host 0.0.0.0")
     p.add_argument("--port", type=int, metavar="P", help="--demo: port to listen on (default 7860), e.g. --port 8080")
     views = p.add_argument_group("novel views (--views --image PATH): Zero123's own images of other views, as its demo draws them")
