@@ -111,6 +111,10 @@ class PriorConfig:
     t_anneal_steps: int = ranged(1200, 0, BIG)
     grad_clip: Optional[float] = ranged(None, 1e-6, 1e6)  # clip the SDS gradient elementwise
     half_precision: bool = True  # fp16 UNet on CUDA
+    # Encode renders one at a time and recompute the VAE encoder's activations in the
+    # backward pass: a step keeps one image's activations instead of the batch's, for one
+    # more encoder pass (the lowvram preset's choice; recon/cost_model.py prices both).
+    recompute_vae: bool = False
     reference_mesh: Optional[str] = None  # for kind=reference
 
 

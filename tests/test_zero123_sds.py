@@ -192,6 +192,22 @@ def test_real_tiny_unet_gives_finite_gradients_to_the_renders(tiny_model, loaded
 
 
 
+def test_recomputing_the_vae_encoder_gives_the_same_latents_and_gradients(tiny_model, loaded):
+    """prior.recompute_vae encodes renders one at a time and recomputes them in the backward pass:
+    the same latents and the same gradients with respect to the renders."""
+    images = torch.rand(3, 32, 32, 3, generator=torch.Generator().manual_seed(4))
+    results = []
+    for recompute in (False, True):
+        prior = _prior(tiny_model, loaded, recompute_vae=recompute)
+        renders = images.clone().requires_grad_(True)
+        latents = prior.encode_images(renders)
+        (latents * torch.linspace(-1.0, 1.0, latents.numel()).view_as(latents)).sum().backward()
+        results.append((latents.detach(), renders.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    assert results[0][1].abs().sum() > 0
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_computes_the_same_sds_as_cpu(tiny_model, loaded):

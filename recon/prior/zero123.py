@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from recon.camera import Cameras
 from recon.config import PriorConfig
@@ -139,10 +140,17 @@ class Zero123Prior:
         size = self.cfg.image_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        x = (x * 2.0 - 1.0).to(self.dtype)
+        if self.cfg.recompute_vae and torch.is_grad_enabled():
+            latents = torch.cat([torch.utils.checkpoint.checkpoint(self._encode, image, use_reentrant=False) for image in x.split(1)])
+        else:
+            latents = self._encode(x)
+        return latents.float() * self.scaling_factor
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         # mode() rather than sample(): the SD VAE's posterior spread is negligible and the
         # latent then stays a deterministic function of the render
-        latents = self.vae.encode((x * 2.0 - 1.0).to(self.dtype)).latent_dist.mode()
-        return latents.float() * self.scaling_factor
+        return self.vae.encode(x).latent_dist.mode()
 
     def camera_embedding(self, cameras: Cameras) -> torch.Tensor:
         """Cross-attention tokens [B, 1, D] for the target cameras: projection(cat[clip, pose])."""
