@@ -134,6 +134,9 @@ class FitConfig:
     lambda_normal_smooth: float = ranged(0.0, 0.0, 1e6)
     reference_rays: int = ranged(0, 0, 2**24)  # random reference-view rays per step (0: the whole view)
     checkpoint_every: int = ranged(500, 1, BIG)
+    # GPU memory to fit in (``--vram``): each stage's batch size becomes the largest, up to
+    # the preset's, whose modelled peak fits (recon/cost_model.py); None keeps the preset's.
+    memory_budget_gb: Optional[float] = ranged(None, 1.0, 1024.0)
 
 
 @dataclass
@@ -162,7 +165,7 @@ class TextureConfig:
 
 @dataclass
 class RefineConfig:
-    """Texture refinement after the bake (recon/mesh/refine.py; docs/design.md, "Refinement")."""
+    """Texture (and optionally vertex) refinement after the bake (recon/mesh/refine.py; docs/design.md, "Refinement")."""
 
     steps: int = ranged(150, 0, BIG)  # Adam steps on the texture; 0 turns refinement off
     lr: float = ranged(0.002, 1e-6, 1.0)  # Adam moves every texel by about lr a step: larger is noisy
@@ -174,6 +177,14 @@ class RefineConfig:
     batch_size: int = ranged(2, 1, 64)  # random views per step
     lambda_rgb: float = ranged(1000.0, 0.0, 1e6)  # the reference view's MSE, weighted as in the fit
     lambda_sds: float = ranged(1.0, 0.0, 1e6)
+    # Small vertex offsets along the normals, fitted before the texture through antialiased
+    # silhouettes; each of these steps rasterises its views again (slower than a texture step).
+    vertex_offsets: bool = False
+    vertex_steps: int = ranged(50, 0, BIG)  # Adam steps on the offsets (texture fixed)
+    max_offset: float = ranged(0.01, 0.0, 1.0)  # bound on each vertex's offset, fit-frame units
+    lr_vertices: float = ranged(0.0002, 0.0, 1.0)  # Adam's step on the offsets, fit-frame units
+    lambda_mask: float = ranged(100.0, 0.0, 1e6)  # the reference view's coverage MSE, weighted as in the fit
+    lambda_smooth: float = ranged(1e5, 0.0, 1e9)  # squared uniform Laplacian of the displacements
 
 
 @dataclass

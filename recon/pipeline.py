@@ -206,11 +206,11 @@ def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer, prior=Non
     if prior is not None and reference is not None and cfg.refine.steps > 0 and mesh.has_texture:
         with timer.stage("refine"):
             unrefined = mesh
-            rgb, _ = reference.at(cfg.refine.resolution, background=tuple(cfg.render.background))
+            rgb, alpha = reference.at(cfg.refine.resolution, background=tuple(cfg.render.background))
             mesh, refine_stats = refine_texture(
                 mesh, prior, rgb[None], reference_camera(cfg, mesh.device), cfg.refine, cfg.camera,
                 prior_step=cfg.prior.t_anneal_steps, background=cfg.render.background, seed=cfg.seed,
-                progress=Progress(cfg.refine.steps, "refine", quiet=quiet),
+                progress=Progress(cfg.refine.steps + (cfg.refine.vertex_steps if cfg.refine.vertex_offsets else 0), "refine", quiet=quiet), reference_alpha=alpha[None],
             )
     mesh = mesh.to("cpu")
     with timer.stage("export"):

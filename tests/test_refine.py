@@ -1,18 +1,23 @@
 """Texture refinement: the rasteriser's gradients against finite differences, the fixed-geometry
-renderer against render_mesh, and a fitted object whose mesh gets closer to the truth."""
+renderer against render_mesh, and a fitted object whose mesh gets closer to the truth. Vertex
+offsets: the antialiased silhouette's gradient, the Laplacian term, and a short bounded fit."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import torch
 
 from recon.bench.procedural import crate, save_obj
 from recon.camera import Cameras
 from recon.cli import main
+from recon.config import CameraConfig, PriorConfig, RefineConfig
+from recon.eval.metrics import psnr
 from recon.mesh.data import MeshData
-from recon.mesh.refine import render_texture, texel_views
+from recon.mesh.refine import refine_texture, render_texture, texel_views, uniform_laplacian
+from recon.prior.reference import ReferencePrior
 from recon.render.mesh_raster import render_mesh
 
 
@@ -70,6 +75,90 @@ def test_vertex_gradient_matches_finite_differences_inside_the_silhouette():
         down[vertex, axis] -= eps
         numeric = (loss(up) - loss(down)) / (2 * eps)
         assert torch.isclose(vertices.grad[vertex, axis], numeric, rtol=0.05, atol=0.05), (vertex, axis, vertices.grad[vertex, axis], numeric)
+
+
+def test_antialiased_silhouette_gradient_matches_finite_differences():
+    # A tilted quad whose outline crosses pixels at every angle: with antialias=True the
+    # covered share of each pixel, and so rgb and alpha at the silhouette, follow the vertices.
+    vertices = torch.tensor([[0.0, -0.31, -0.27], [0.05, 0.33, -0.22], [0.0, 0.25, 0.36], [-0.03, -0.29, 0.3]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    colours = torch.rand(4, 3, generator=torch.Generator().manual_seed(4))
+    weights = torch.rand(1, 32, 32, 4, generator=torch.Generator().manual_seed(5))
+
+    def loss(v):
+        out = render_mesh(MeshData(v, faces, vertex_colors=colours), front_camera(), 32, antialias=True)
+        return (torch.cat([out["rgb"], out["alpha"]], dim=-1) * weights).sum()
+
+    moved = vertices.clone().requires_grad_(True)
+    loss(moved).backward()
+    eps = 1e-3  # the antialiased render is continuous in the vertices, so differences may cross pixel centres
+    for vertex, axis in [(0, 1), (0, 2), (1, 1), (2, 2), (3, 1), (1, 0)]:
+        up, down = vertices.clone(), vertices.clone()
+        up[vertex, axis] += eps
+        down[vertex, axis] -= eps
+        numeric = (loss(up) - loss(down)) / (2 * eps)
+        assert torch.isclose(moved.grad[vertex, axis], numeric, rtol=0.02, atol=0.1), (vertex, axis, moved.grad[vertex, axis], numeric)
+
+
+def test_antialiased_coverage_is_the_covered_area():
+    # A square whose sides fall between pixel centres: the hard render counts whole pixels,
+    # the antialiased one the area (up to the corners, which it blends along one axis only).
+    side = 0.3  # world units; the image spans [-1, 1] at the quad's depth
+    vertices = torch.tensor([[0.0, -side, -side], [0.0, side, -side], [0.0, side, side], [0.0, -side, side]]) + torch.tensor([0.0, 0.0137, 0.0])
+    square = MeshData(vertices, torch.tensor([[0, 1, 2], [0, 2, 3]]), vertex_colors=torch.full((4, 3), 0.2))
+    area = (side * 32) ** 2  # pixels
+    hard = float(render_mesh(square, front_camera(), 32)["alpha"].sum())
+    soft = float(render_mesh(square, front_camera(), 32, antialias=True)["alpha"].sum())
+    assert abs(soft - area) < 1.0 < abs(hard - area), (soft, hard, area)
+
+
+def flat_patch(n=5):
+    """An n x n grid of vertices in the plane z = 0, two triangles a cell."""
+    ys, xs = torch.meshgrid(torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32), indexing="ij")
+    vertices = torch.stack([xs.reshape(-1), ys.reshape(-1), torch.zeros(n * n)], dim=-1) / (n - 1)
+    corner = (torch.arange(n - 1)[:, None] * n + torch.arange(n - 1)[None, :]).reshape(-1)
+    faces = torch.cat([torch.stack([corner, corner + 1, corner + n + 1], -1), torch.stack([corner, corner + n + 1, corner + n], -1)])
+    return vertices, faces
+
+
+def test_laplacian_of_displacements_is_zero_unmoved_and_positive_when_perturbed():
+    vertices, faces = flat_patch()
+    normals = torch.tensor([0.0, 0.0, 1.0]).expand_as(vertices)
+
+    def smoothness(offsets):
+        return float(uniform_laplacian(offsets[:, None] * normals, faces).square().sum(dim=1).mean())
+
+    assert smoothness(torch.zeros(len(vertices))) == 0.0
+    assert smoothness(torch.full((len(vertices),), 0.01)) < 1e-12  # a rigid shift is smooth
+    bumped = torch.zeros(len(vertices))
+    bumped[12] = 0.01  # the centre vertex
+    assert smoothness(bumped) > 1e-6
+    # the Laplacian itself: the centre vertex minus the mean of its six neighbours
+    laplacian = uniform_laplacian(bumped[:, None], faces)
+    assert torch.isclose(laplacian[12, 0], torch.tensor(0.01)) and torch.isclose(laplacian[13, 0], torch.tensor(-0.01 / 6))
+
+
+def test_vertex_offsets_stay_bounded_and_bring_a_shrunken_mesh_back():
+    """A crate shrunk by 5% refined against its truth: offsets within their bound, PSNR up."""
+    truth = crate()
+    start = replace(truth, vertices=truth.vertices * 0.95)
+    camera_cfg = CameraConfig(distance=2.0, fovy=40.0, elevation_range=[0.0, 40.0])
+    reference_camera = Cameras.make(10.0, 30.0, 2.0, 40.0)
+    reference = render_mesh(truth, reference_camera, 48, ssaa=2)
+    prior = ReferencePrior(truth, PriorConfig(), "cpu", seed=0)
+    cfg = RefineConfig(steps=3, lr=0.002, resolution=48, supersampling=2, n_views=8, batch_size=2,
+                       vertex_offsets=True, vertex_steps=20, max_offset=0.02, lr_vertices=0.002)
+    refined, stats = refine_texture(start, prior, reference["rgb"], reference_camera, cfg, camera_cfg, prior_step=1200,
+                                    reference_alpha=reference["alpha"])
+    offsets = ((refined.vertices - start.vertices) ** 2).sum(dim=1).sqrt()
+    assert float(offsets.max()) <= cfg.max_offset + 1e-6 and stats["refine_offset_max"] <= cfg.max_offset
+    assert float(offsets.min()) > 0.0  # the outline moved
+    assert stats["refine_vertex_mask_loss"] < stats["refine_vertex_mask_loss_first"]
+    views = Cameras.make(30.0, [0.0, 90.0, 180.0, 270.0], 2.0, 40.0)
+    truth_images = render_mesh(truth, views, 64, ssaa=2)["rgb"]
+    before = psnr(render_mesh(start, views, 64, ssaa=2)["rgb"], truth_images)
+    after = psnr(render_mesh(refined, views, 64, ssaa=2)["rgb"], truth_images)
+    assert after > before + 0.5, (before, after)
 
 
 def test_fixed_geometry_renders_match_render_mesh_and_its_gradient():

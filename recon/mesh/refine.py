@@ -11,6 +11,13 @@ views, with the same prior protocol (``prior.sds_loss(images, cameras, step)``).
 Only the texture changes, so where each pixel reads the texture is fixed:
 every view is rasterised once (:func:`texel_views`) and each step is a texture
 lookup and a composite (:func:`render_texture`), cheap enough for the CPU.
+
+With ``refine.vertex_offsets``, a first phase (:func:`fit_vertex_offsets`) moves
+each vertex along its normal by a bounded offset, kept smooth by a Laplacian
+term (:func:`uniform_laplacian`), against the same supervision plus the
+reference view's coverage. Its views are rasterised again every step, with
+antialiased silhouettes (``render_mesh(..., antialias=True)``) so that the
+outline has a gradient; the texture phase then runs as above on the moved mesh.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import torch.nn.functional as F
 from recon.camera import Cameras, project, random_cameras
 from recon.config import CameraConfig, RefineConfig
 from recon.mesh.data import MeshData
-from recon.render.mesh_raster import rasterize, sample_texture
+from recon.mesh.texture import vertex_normals
+from recon.render.mesh_raster import rasterize, render_mesh, sample_texture
 
 
 @dataclass
@@ -86,6 +94,88 @@ def render_texture(views: TexelViews, texture: torch.Tensor, background: torch.T
     return image.view(len(chosen), views.resolution, views.resolution, 3)
 
 
+def uniform_laplacian(values: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Each vertex's value less the mean of its edge neighbours': values [V, C], faces [F, 3] -> [V, C].
+
+    Applied to displacements it measures how unevenly neighbours move: zero for an unmoved mesh
+    and for a rigid shift, whatever the mesh's own curvature (a Laplacian of the positions
+    would also pull a curved surface inwards).
+    """
+    faces = faces.long()
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    edges = torch.unique(torch.sort(edges, dim=1).values, dim=0)  # each undirected edge once
+    source = torch.cat([edges[:, 0], edges[:, 1]])
+    target = torch.cat([edges[:, 1], edges[:, 0]])
+    total = torch.zeros_like(values).index_add(0, source, values[target])
+    degree = torch.bincount(source, minlength=values.shape[0]).clamp(min=1).to(values.dtype)
+    return values - total / degree[:, None]
+
+
+def fit_vertex_offsets(
+    mesh: MeshData,
+    prior,
+    reference_rgb: torch.Tensor,
+    reference_alpha: Optional[torch.Tensor],
+    reference_cameras: Cameras,
+    random_views: Cameras,
+    cfg: RefineConfig,
+    prior_step: int,
+    background=(1.0, 1.0, 1.0),
+    seed: int = 0,
+    progress=None,
+) -> tuple:
+    """Move each vertex of a textured ``mesh`` along its normal; returns (moved mesh, stats).
+
+    ``cfg.vertex_steps`` Adam steps (learning rate ``cfg.lr_vertices``) on one
+    offset a vertex, clamped to +-``cfg.max_offset``, minimising
+    ``lambda_rgb * MSE(reference rgb) + lambda_mask * MSE(reference coverage)
+    + lambda_sds * SDS + lambda_smooth * mean |Laplacian(displacement)|^2``
+    with the texture fixed. ``reference_rgb`` [1, R, R, 3] and
+    ``reference_alpha`` [1, R, R, 1] (optional) are at ``cfg.resolution``.
+
+    Views are rendered at one sample a pixel: the antialiased silhouette
+    already gives each edge pixel its covered share, and re-rasterising at the
+    texture phase's supersampling every step would cost it several times over.
+    """
+    device = mesh.vertices.device
+    generator = torch.Generator().manual_seed(seed + 1)  # the texture phase keeps its own draws
+    base = mesh.vertices.detach().float()
+    normals = vertex_normals(mesh).to(device)
+    offsets = torch.zeros(base.shape[0], 1, device=device, requires_grad=True)  # [V, 1] along the normal
+    optimizer = torch.optim.Adam([offsets], lr=cfg.lr_vertices, betas=(0.9, 0.99))
+    weights = {"rgb": cfg.lambda_rgb, "mask": cfg.lambda_mask, "sds": cfg.lambda_sds, "smooth": cfg.lambda_smooth}
+    target = reference_rgb.to(device=device, dtype=torch.float32)
+
+    def render(cameras: Cameras) -> dict:
+        moved = replace(mesh, vertices=base + offsets * normals)
+        return render_mesh(moved, cameras, cfg.resolution, background=background, uv_wrap="clamp", antialias=True)
+
+    first: Dict[str, float] = {}
+    stats: Dict[str, float] = {}
+    for step in range(cfg.vertex_steps):
+        reference = render(reference_cameras)
+        losses = {"rgb": F.mse_loss(reference["rgb"], target)}
+        if reference_alpha is not None:
+            losses["mask"] = F.mse_loss(reference["alpha"], reference_alpha.to(device=device, dtype=torch.float32))
+        if cfg.lambda_sds > 0:
+            index = torch.randperm(len(random_views), generator=generator)[: cfg.batch_size].to(device)
+            losses["sds"] = prior.sds_loss(render(random_views[index])["rgb"], random_views[index], prior_step)["loss_sds"]
+        losses["smooth"] = uniform_laplacian(offsets * normals, mesh.faces).square().sum(dim=1).mean()
+        total = sum(weights[name] * value for name, value in losses.items())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        with torch.no_grad():
+            offsets.clamp_(-cfg.max_offset, cfg.max_offset)
+        stats = {f"refine_vertex_{name}_loss": float(value.detach()) for name, value in losses.items()}
+        first = first or {key.replace("_loss", "_loss_first"): value for key, value in stats.items()}
+        if progress is not None:
+            progress.update(1, loss=float(total.detach()))
+    moved = offsets.detach().abs()
+    stats.update(refine_offset_max=float(moved.max()) if moved.numel() else 0.0, refine_offset_mean=float(moved.mean()) if moved.numel() else 0.0)
+    return replace(mesh, vertices=(base + offsets.detach() * normals).to(mesh.vertices.dtype)), {**first, **stats}
+
+
 def refine_texture(
     mesh: MeshData,
     prior,
@@ -97,8 +187,12 @@ def refine_texture(
     background=(1.0, 1.0, 1.0),
     seed: int = 0,
     progress=None,
+    reference_alpha: Optional[torch.Tensor] = None,
 ) -> tuple:
     """Optimise the texture of a UV-mapped ``mesh``; returns (refined mesh, stats).
+
+    With ``cfg.vertex_offsets``, :func:`fit_vertex_offsets` first moves the
+    vertices (against ``reference_alpha`` [1, R, R, 1] too, when given).
 
     ``reference_rgb`` [1, R, R, 3] is the input view over the background at
     ``cfg.resolution``, seen by ``reference_cameras`` (one camera, the fit's
@@ -112,6 +206,11 @@ def refine_texture(
     generator = torch.Generator().manual_seed(seed)
     bg = torch.as_tensor(background, dtype=torch.float32, device=device)
     random_views = random_cameras(cfg.n_views, camera_cfg.elevation_range, camera_cfg.distance, camera_cfg.fovy, generator, device)
+    offset_stats: Dict[str, float] = {}
+    if cfg.vertex_offsets and cfg.vertex_steps > 0:
+        mesh, offset_stats = fit_vertex_offsets(
+            mesh, prior, reference_rgb, reference_alpha, reference_cameras, random_views, cfg, prior_step, background, seed, progress
+        )
     reference = texel_views(mesh, reference_cameras, cfg.resolution, cfg.supersampling)
     others = texel_views(mesh, random_views, cfg.resolution, cfg.supersampling)
     target = reference_rgb.to(device=device, dtype=torch.float32)
@@ -137,4 +236,4 @@ def refine_texture(
         if progress is not None:  # recon.progress.Progress
             progress.update(1, loss=float(total.detach()))
     refined = replace(mesh, texture=texture.detach().to(mesh.texture.dtype))
-    return refined, {**first, **stats, "refine_steps": cfg.steps}
+    return refined, {**offset_stats, **first, **stats, "refine_steps": cfg.steps}
