@@ -17,7 +17,8 @@ checker's weights the app refuses every image (fail closed) and says why.
 One device, many users: novel views and reconstructions share one queue slot
 (``concurrency_id="device"``, limit 1), so jobs run one after another and
 gradio shows each waiting user their place in the queue. With a Ray address
-(``--ray-address``) each reconstruction is a Ray task on the cluster instead
+(``--ray-address``), or a local Ray cluster started for the app (``--ray``),
+each reconstruction is a Ray task on the cluster instead
 (see :meth:`DemoBackend.reconstruct_on_cluster`); they queue for the cluster's
 slots (``concurrency_id="cluster"``, one per GPU, or per CPU without GPUs),
 while uploads and novel views stay on this machine.
@@ -62,15 +63,17 @@ class DemoBackend:
     """The app's work, request by request. ``cfg`` is the server's resolved config.
 
     ``ray_address``: run reconstructions as tasks on that Ray cluster
-    (:meth:`reconstruct_on_cluster`); None runs them here (:meth:`reconstruct`).
+    (:meth:`reconstruct_on_cluster`); ``use_ray`` without an address: on a
+    local Ray cluster started for the app, as the benchmark's ``--ray`` does;
+    neither runs them here (:meth:`reconstruct`).
     """
 
-    def __init__(self, cfg, outputs: Path = Path("outputs"), ray_address: Optional[str] = None):
+    def __init__(self, cfg, outputs: Path = Path("outputs"), ray_address: Optional[str] = None, use_ray: bool = False):
         from recon.device import choose_device
 
-        self.ray_address = ray_address
+        self.on_cluster = bool(use_ray or ray_address)
         self.cluster_slots = 0  # reconstructions the cluster runs at once; 0 without a cluster
-        if ray_address:
+        if self.on_cluster:
             self._connect(ray_address)  # first: a wrong address is refused before any weights load
         self.cfg = cfg
         self.outputs = Path(outputs)
@@ -86,7 +89,7 @@ class DemoBackend:
             except MissingWeights as error:
                 self.gate_problem = str(error)  # shown on the page; every image is refused
 
-    def _connect(self, address: str) -> None:
+    def _connect(self, address: Optional[str]) -> None:
         from recon import cluster
 
         self._started_ray = cluster.connect(address)
@@ -95,8 +98,8 @@ class DemoBackend:
         self.cluster_slots = cluster.task_slots()
 
     def close(self) -> None:
-        """Disconnect from the Ray cluster if this backend connected (the cluster itself stays up)."""
-        if self.ray_address and self._started_ray:
+        """Disconnect from the Ray cluster if this backend connected: a cluster at an address stays up, a local one stops."""
+        if self.on_cluster and self._started_ray:
             import ray
 
             ray.shutdown()
@@ -498,7 +501,7 @@ def build_app(backend: DemoBackend):
             event(on_upload, [photo, mask], everything, concurrency_limit=4, concurrency_id="checks")
         views_button.click(on_views, [photo, mask, elevation, polar, azimuth, zoom, samples, guidance, ddim_steps], [gallery, views_status],
                            concurrency_id=DEVICE_QUEUE, concurrency_limit=1, api_name="views")
-        if backend.ray_address:  # the cluster's slots, not this machine's device
+        if backend.on_cluster:  # the cluster's slots, not this machine's device
             run, queue, limit = on_reconstruct_on_cluster, CLUSTER_QUEUE, backend.cluster_slots
         else:
             run, queue, limit = on_reconstruct, DEVICE_QUEUE, 1
@@ -516,20 +519,25 @@ def _say(error: ReconError) -> str:
     return f"**Cannot use this input:** {error}"
 
 
-def serve(cfg, host: Optional[str] = None, port: Optional[int] = None, ray_address: Optional[str] = None) -> int:
-    """``launch.py --demo``: build the app and serve it until Ctrl-C; reconstructions on the Ray cluster at ``ray_address`` if given."""
+def serve(cfg, host: Optional[str] = None, port: Optional[int] = None, ray_address: Optional[str] = None, use_ray: bool = False) -> int:
+    """``launch.py --demo``: build the app and serve it until Ctrl-C.
+
+    Reconstructions run on the Ray cluster at ``ray_address`` if given, else on a
+    local Ray cluster with ``use_ray`` (``--ray``), else in this process.
+    """
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise BadInput("--demo needs gradio: pip install -e \".[demo]\"") from None
     if cfg.prior.kind != "zero123":
         raise BadInput("--demo needs Zero123 weights (--prior ID_OR_PATH), not the reference prior")
-    backend = DemoBackend(cfg, ray_address=ray_address)
+    backend = DemoBackend(cfg, ray_address=ray_address, use_ray=use_ray)
     try:
         if not cfg.gate.enabled:
             print("warning: the safety checker is disabled (--no-safety-check); the page shows a banner", file=sys.stderr)
-        if ray_address:
-            print(f"reconstructions run as Ray tasks at {ray_address}, {backend.cluster_slots} at a time", file=sys.stderr)
+        if backend.on_cluster:
+            where = f"at {ray_address}" if ray_address else "on a local Ray cluster"
+            print(f"reconstructions run as Ray tasks {where}, {backend.cluster_slots} at a time", file=sys.stderr)
         launch(build_app(backend), backend, host or "127.0.0.1", port or 7860)
     finally:
         backend.close()

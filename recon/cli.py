@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["recon", "syncdreamer"], help="--score and benchmarks: how meshes are scored (eval.protocol; default recon)")
     p.add_argument("--data-root", metavar="DIR", help="benchmark dataset root (one folder or .zip per object)")
     p.add_argument("--objects", metavar="LIST", help="benchmark: file with one object name per line")
-    p.add_argument("--ray", action="store_true", help="benchmark: one object per Ray task on a local Ray cluster")
+    p.add_argument("--ray", action="store_true", help="benchmark and --demo: one object or reconstruction per Ray task on a local Ray cluster started for the run (the 'bench' extra)")
     p.add_argument("--ray-address", metavar="ADDR", help="benchmark and --demo: run on a running Ray cluster (one object or reconstruction per task, a GPU each when it has GPUs), e.g. --ray-address auto")
     p.add_argument("--host", metavar="H", help="--demo: address to listen on (default 127.0.0.1; 0.0.0.0 for every interface), e.g. --host 0.0.0.0")
     p.add_argument("--port", type=int, metavar="P", help="--demo: port to listen on (default 7860), e.g. --port 8080")
@@ -241,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.demo:
             from recon.app import serve
 
-            return serve(cfg, host=args.host, port=args.port, ray_address=args.ray_address)
+            return serve(cfg, host=args.host, port=args.port, ray_address=args.ray_address, use_ray=args.ray)
         request = view_request(args, cfg)
         if args.reference_mesh:
             mesh_path = Path(args.reference_mesh)

@@ -83,6 +83,21 @@ def test_a_reconstruction_runs_as_a_ray_task_and_lands_a_complete_run(workdir, p
     assert [order.index(stage) for stage in stages] == sorted(order.index(stage) for stage in stages), stages
 
 
+def test_demo_with_ray_but_no_address_runs_on_a_local_cluster(prior_dir, checker_dir, one_cpu_cluster, monkeypatch):
+    """``--demo --ray`` asks for a local cluster as the benchmark's --ray does (here the test's, already running)."""
+    from recon import app, cluster
+    from recon.cli import main
+
+    addresses, served, connect = [], [], cluster.connect
+    monkeypatch.setattr(cluster, "connect", lambda address: addresses.append(address) or connect(address))
+    monkeypatch.setattr(app, "launch", lambda demo, backend, host, port: served.append((demo, backend)))  # no server
+    assert main(["--demo", "--ray", "--config", "cpu", "--prior", str(prior_dir), "--safety-checker", str(checker_dir)]) == 0
+    ((demo, backend),) = served
+    assert addresses == [None]  # connect(None) starts a local cluster when none is running
+    assert backend.on_cluster and backend.cluster_slots == 1
+    assert [fn.concurrency_id for fn in demo.fns.values() if fn.api_name == "reconstruct"] == ["cluster"]
+
+
 def test_a_second_user_sees_their_place_and_cancelled_jobs_free_the_cluster(workdir, prior_dir, checker_dir, one_cpu_cluster):
     from gradio_client import Client, handle_file
     from gradio_client.utils import Status
