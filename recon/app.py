@@ -16,7 +16,10 @@ checker's weights the app refuses every image (fail closed) and says why.
 
 One device, many users: novel views and reconstructions share one queue slot
 (``concurrency_id="device"``, limit 1), so jobs run one after another and
-gradio shows each waiting user their place in the queue. With a Ray address
+gradio shows each waiting user their place in the queue. A reconstruction runs
+in a worker thread (:meth:`DemoBackend.reconstruct_here`) so that a user's
+cancel stops it at its next step, as Ctrl-C stops a command-line run, and the
+device is free for the next job as soon as it has stopped. With a Ray address
 (``--ray-address``), or a local Ray cluster started for the app (``--ray``),
 each reconstruction is a Ray task on the cluster instead
 (see :meth:`DemoBackend.reconstruct_on_cluster`); they queue for the cluster's
@@ -65,7 +68,7 @@ class DemoBackend:
     ``ray_address``: run reconstructions as tasks on that Ray cluster
     (:meth:`reconstruct_on_cluster`); ``use_ray`` without an address: on a
     local Ray cluster started for the app, as the benchmark's ``--ray`` does;
-    neither runs them here (:meth:`reconstruct`).
+    neither runs them here (:meth:`reconstruct_here`).
     """
 
     def __init__(self, cfg, outputs: Path = Path("outputs"), ray_address: Optional[str] = None, use_ray: bool = False):
@@ -188,6 +191,48 @@ class DemoBackend:
         result = api.reconstruct(photo, config=self.cfg, output=self._next_dir(Path(photo).stem), mask=mask, elevation=elevation,
                                  progress=progress, overrides=self._judged_overrides())
         return result, self._checked_asset(result)
+
+    async def reconstruct_here(self, photo: str, mask: Optional[str], elevation: float, progress=None):
+        """:meth:`reconstruct` in a worker thread of this process, stopped as Ctrl-C stops it when cancelled.
+
+        Cancelling this coroutine (gradio does, when a user cancels) sets a stop
+        flag that the run sees at its next progress report (every fit step):
+        KeyboardInterrupt is raised there, in the run's own thread, so the run
+        ends as a command-line run does on Ctrl-C (run.json "interrupted", the
+        checkpoint kept for --resume). The coroutine returns only once the
+        thread has ended, so gradio gives the device to the next job only when
+        this one has let go of it (and its cancel request, which awaits this
+        coroutine, is answered then).
+        """
+        stop = threading.Event()
+
+        def report(*stage_and_step) -> None:
+            if stop.is_set():
+                raise KeyboardInterrupt
+            if progress is not None:
+                progress(*stage_and_step)
+
+        def run():
+            try:
+                return self.reconstruct(photo, mask, elevation, progress=report)
+            except KeyboardInterrupt:
+                # Our stop, already recorded by the run. Not raised on: a KeyboardInterrupt
+                # reaching the event loop would stop the whole server.
+                return None
+
+        job = asyncio.ensure_future(asyncio.to_thread(run))
+        try:
+            return await asyncio.shield(job)  # a cancel ends the wait, not the thread
+        except asyncio.CancelledError:
+            stop.set()
+            while not job.done():
+                try:
+                    await asyncio.wait([job])
+                except asyncio.CancelledError:
+                    pass  # cancelled again: the device is still busy until the thread ends
+            if not job.cancelled():
+                job.exception()  # read, so that asyncio does not log a run that failed as it stopped
+            raise
 
     async def reconstruct_on_cluster(self, photo: str, mask: Optional[str], elevation: float, progress=None):
         """:meth:`reconstruct` as a Ray task on the cluster; the same run directory and run.json.
@@ -444,21 +489,16 @@ def build_app(backend: DemoBackend):
             message = f"Internal error: {type(error).__name__}: {error}"
         return None, message, None, None, None
 
-    def on_reconstruct(photo, mask, elevation, progress=gr.Progress()):
-        if not photo:
-            return None, "Upload a photo first.", None, None, None
-        try:
-            return shown(*backend.reconstruct(photo, mask, elevation, progress=reporter(progress)))
-        except Exception as error:
-            return failed(error)
+    # The cluster's slots, or this machine's device.
+    reconstruct = backend.reconstruct_on_cluster if backend.on_cluster else backend.reconstruct_here
 
-    async def on_reconstruct_on_cluster(photo, mask, elevation, progress=gr.Progress()):
-        # A coroutine, not a function gradio runs in a thread: a user's cancel
-        # reaches it as CancelledError, which cancels the Ray task too.
+    async def on_reconstruct(photo, mask, elevation, progress=gr.Progress()):
+        # A coroutine, not a function gradio runs in a thread: a user's cancel reaches
+        # it as CancelledError, which stops the run, here or as a Ray task.
         if not photo:
             return None, "Upload a photo first.", None, None, None
         try:
-            return shown(*await backend.reconstruct_on_cluster(photo, mask, elevation, progress=reporter(progress)))
+            return shown(*await reconstruct(photo, mask, elevation, progress=reporter(progress)))
         except Exception as error:
             return failed(error)
 
@@ -488,7 +528,9 @@ def build_app(backend: DemoBackend):
             views_status = gr.Markdown(elem_id="views-status")
             gallery = gr.Gallery(label="Novel views", columns=4, elem_id="views")
         with gr.Tab("3D asset"):
-            run_button = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct-button")
+            with gr.Row():
+                run_button = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct-button")
+                cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
             run_status = gr.Markdown(elem_id="run-status")
             with gr.Row():
                 viewer = gr.Model3D(label="Textured mesh (GLB)", elem_id="viewer")
@@ -501,12 +543,11 @@ def build_app(backend: DemoBackend):
             event(on_upload, [photo, mask], everything, concurrency_limit=4, concurrency_id="checks")
         views_button.click(on_views, [photo, mask, elevation, polar, azimuth, zoom, samples, guidance, ddim_steps], [gallery, views_status],
                            concurrency_id=DEVICE_QUEUE, concurrency_limit=1, api_name="views")
-        if backend.on_cluster:  # the cluster's slots, not this machine's device
-            run, queue, limit = on_reconstruct_on_cluster, CLUSTER_QUEUE, backend.cluster_slots
-        else:
-            run, queue, limit = on_reconstruct, DEVICE_QUEUE, 1
-        run_button.click(run, [photo, mask, elevation], [viewer, run_status, turntable, sheet, files],
-                         concurrency_id=queue, concurrency_limit=limit, api_name="reconstruct")
+        queue, limit = (CLUSTER_QUEUE, backend.cluster_slots) if backend.on_cluster else (DEVICE_QUEUE, 1)
+        running = run_button.click(on_reconstruct, [photo, mask, elevation], [viewer, run_status, turntable, sheet, files],
+                                   concurrency_id=queue, concurrency_limit=limit, api_name="reconstruct")
+        # The same cancel as gradio_client's: a waiting job leaves the queue, a running one is stopped.
+        cancel_button.click(None, None, None, cancels=[running])
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -18,7 +18,11 @@ _LISTENER: ContextVar[Optional[Callable[[str, int, int], None]]] = ContextVar("r
 
 @contextmanager
 def listening(callback: Callable[[str, int, int], None]) -> Iterator[None]:
-    """Within the block (this thread or task only), every bar's update also calls ``callback(description, count, total)``."""
+    """Within the block (this thread or task only), every bar's update also calls ``callback(description, count, total)``.
+
+    What the callback raises comes out of the update, inside the work: the web app
+    stops a cancelled run by raising KeyboardInterrupt there, as Ctrl-C would.
+    """
     token = _LISTENER.set(callback)
     try:
         yield

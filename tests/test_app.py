@@ -124,6 +124,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(condition, timeout: float, what: str):
+    """Poll ``condition`` until it returns something truthy; that value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def stage_of(job) -> str:
+    """What a gradio_client job's progress bar says now ("fit: step 2/4, 9 s"); "" before its first report."""
+    units = job.status().progress_data or []
+    return units[-1].desc if units else ""
+
+
 def test_two_reconstructions_submitted_at_once_run_one_after_the_other_after_a_failed_one(workdir, prior_dir, checker_dir, monkeypatch):
     pytest.importorskip("gradio", reason="the web app is the optional 'demo' extra; CI installs it")
     from gradio_client import Client, handle_file
@@ -166,6 +183,73 @@ def test_two_reconstructions_submitted_at_once_run_one_after_the_other_after_a_f
     runs = sorted((workdir / "outputs").iterdir())
     records = [json.loads((run / "run.json").read_text()) for run in runs]
     assert len(runs) == 2 and all(r["status"] == "ok" and r["outputs_checked"]["frames"] > 0 for r in records)
+
+
+def test_cancelling_a_running_reconstruction_stops_it_and_the_next_in_the_queue_runs(workdir, prior_dir, checker_dir, monkeypatch):
+    pytest.importorskip("gradio", reason="the web app is the optional 'demo' extra; CI installs it")
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
+
+    import recon.api
+    from recon.app import DemoBackend, build_app, launch
+
+    spans, real = [], recon.api.reconstruct
+    test_over = threading.Event()
+
+    def first_runs_long(*args, **kwargs):
+        span = [time.monotonic(), None]
+        spans.append(span)
+        if len(spans) == 1:
+            kwargs["steps"] = 100_000  # runs until cancelled
+            given = kwargs["progress"]
+
+            def report(*stage_and_step):
+                if test_over.is_set():
+                    raise KeyboardInterrupt  # the test failed: stop the run rather than let it go on for hours
+                given(*stage_and_step)
+
+            kwargs["progress"] = report
+        try:
+            return real(*args, **kwargs)
+        finally:
+            span[1] = time.monotonic()
+
+    monkeypatch.setattr(recon.api, "reconstruct", first_runs_long)
+    backend = DemoBackend(app_config(prior_dir, checker_dir))
+    app = build_app(backend)
+    # The page's Cancel button cancels the reconstruction event, as gradio_client's cancel below does.
+    (button,) = [block._id for block in app.blocks.values() if block.elem_id == "cancel-button"]
+    reconstruct = [fn._id for fn in app.fns.values() if fn.api_name == "reconstruct"]
+    assert [fn.cancels for fn in app.fns.values() if fn.is_cancel_function and (button, "click") in fn.targets] == [reconstruct]
+    port = free_port()
+    launch(app, backend, "127.0.0.1", port, block=False)
+    url = f"http://127.0.0.1:{port}/"
+    photo = handle_file(str(object_photo(workdir / "mug.png")))
+    try:
+        # Each user is a client of their own: gradio cancels by session.
+        first = Client(url, verbose=False).submit(photo, None, 0, api_name="/reconstruct")
+        wait_for(lambda: stage_of(first).startswith("fit"), 60, "the first job to reach the fit")
+        second = Client(url, verbose=False).submit(photo, None, 0, api_name="/reconstruct")
+        queued = wait_for(lambda: (s := second.status()).code == Status.IN_QUEUE and s.rank is not None and s, 20, "the second job's place")
+        assert (queued.rank, queued.queue_size) == (0, 1)  # next in line, one waiting
+        (first_run,) = (workdir / "outputs").iterdir()
+        cancelled = time.monotonic()
+        first.cancel()
+        wait_for(lambda: json.loads((first_run / "run.json").read_text())["status"] == "interrupted", 10, "the first run to stop")
+        stopped_after = time.monotonic() - cancelled
+        glb, message, *_ = second.result(timeout=120)
+    finally:
+        test_over.set()
+        app.close()
+    assert stopped_after < 5, f"the cancelled run went on for {stopped_after:.1f} s"
+    assert message.startswith("Done") and Path(glb).suffix == ".glb" and Path(glb).stat().st_size > 0, message
+    # stopped as Ctrl-C stops a command-line run: resumable from its checkpoint
+    record = json.loads((first_run / "run.json").read_text())
+    assert record["status"] == "interrupted" and (first_run / "checkpoint.pt").is_file()
+    (_, first_ended), (second_started, _) = spans
+    assert first_ended <= second_started, "the second job started on the device before the cancelled one had stopped"
+    runs = sorted(json.loads((run / "run.json").read_text())["status"] for run in (workdir / "outputs").iterdir())
+    assert runs == ["interrupted", "ok"]
 
 
 class FlagsTurntable:

@@ -11,12 +11,11 @@ import asyncio
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from test_app import app_config, free_port
+from test_app import app_config, free_port, stage_of, wait_for
 from test_cli import object_photo
 
 ray = pytest.importorskip("ray", reason="Ray is the optional 'bench' extra; CI installs it")
@@ -39,17 +38,6 @@ def backend_on(prior_dir, checker_dir):
     # This process is connected already, so the backend uses that cluster; "auto" is what a user
     # would pass for a cluster started with `ray start --head` on the same machine.
     return DemoBackend(app_config(prior_dir, checker_dir), ray_address="auto")
-
-
-def wait_for(condition, timeout: float, what: str):
-    """Poll ``condition`` until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_a_reconstruction_runs_as_a_ray_task_and_lands_a_complete_run(workdir, prior_dir, checker_dir, one_cpu_cluster, monkeypatch):
@@ -110,15 +98,10 @@ def test_a_second_user_sees_their_place_and_cancelled_jobs_free_the_cluster(work
     launch(app, backend, "127.0.0.1", port, block=False)
     url = f"http://127.0.0.1:{port}/"
     photo = handle_file(str(object_photo(workdir / "mug.png")))
-
-    def stage(job):
-        units = job.status().progress_data or []
-        return units[-1].desc if units else ""
-
     try:
         # Each user is a client of their own: gradio cancels by session.
         first = Client(url, verbose=False).submit(photo, None, 0, api_name="/reconstruct")
-        wait_for(lambda: stage(first).startswith("fit"), 60, "the first job to reach the fit on the cluster")
+        wait_for(lambda: stage_of(first).startswith("fit"), 60, "the first job to reach the fit on the cluster")
         second = Client(url, verbose=False).submit(photo, None, 0, api_name="/reconstruct")
         queued = wait_for(lambda: (s := second.status()).code == Status.IN_QUEUE and s.rank is not None and s, 20, "the second job's place")
         assert (queued.rank, queued.queue_size) == (0, 1)  # next in line, one waiting
