@@ -184,7 +184,7 @@ class RefineConfig:
     max_offset: float = ranged(0.01, 0.0, 1.0)  # bound on each vertex's offset, fit-frame units
     lr_vertices: float = ranged(0.0002, 0.0, 1.0)  # Adam's step on the offsets, fit-frame units
     lambda_mask: float = ranged(100.0, 0.0, 1e6)  # the reference view's coverage MSE, weighted as in the fit
-    lambda_smooth: float = ranged(1e5, 0.0, 1e9)  # squared uniform Laplacian of the displacements
+    lambda_smooth: float = ranged(1e7, 0.0, 1e9)  # squared uniform Laplacian of the displacements
 
 
 @dataclass
