@@ -141,8 +141,11 @@ class Zero123Prior:
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         x = (x * 2.0 - 1.0).to(self.dtype)
-        if self.cfg.recompute_vae and torch.is_grad_enabled():
-            latents = torch.cat([torch.utils.checkpoint.checkpoint(self._encode, image, use_reentrant=False) for image in x.split(1)])
+        if self.cfg.recompute_vae and torch.is_grad_enabled() and x.requires_grad:
+            # Reentrant: each image's activations are recomputed, used and freed within its own
+            # backward call; the non-reentrant kind keeps recomputed tensors that the backward
+            # pass never reads until the whole graph is freed, which cost more than it saved.
+            latents = torch.cat([torch.utils.checkpoint.checkpoint(self._encode, image, use_reentrant=True) for image in x.split(1)])
         else:
             latents = self._encode(x)
         return latents.float() * self.scaling_factor
