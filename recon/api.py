@@ -86,12 +86,14 @@ def reconstruct(
     """``--image``: photo -> textured asset. Returns the run directory, the asset files and run.json."""
     from recon import pipeline
     from recon.cli import claim_run_dir
+    from recon.cost_model import fit_to_budget
     from recon.run_record import new_record
 
     cfg = config_for(config, overrides, prior=prior, safety_checker=safety_checker, no_safety_check=no_safety_check,
                      elevation=elevation, seed=seed, steps=steps, device=device)
     image_path = Path(image)
     pipeline.check_photo_inputs(image_path, None if mask is None else str(mask), cfg)
+    cfg = fit_to_budget(cfg)
     run_dir = claim_run_dir(None if output is None else str(output), image_path.stem)
     record = new_record(run_dir, cfg, mode="image", input=str(image_path), mask=None if mask is None else str(mask))
     started = time.monotonic()

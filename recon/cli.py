@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, metavar="N", help="random seed, e.g. --seed 7")
     p.add_argument("--steps", type=int, metavar="N", help="optimisation steps (fit.steps), e.g. --steps 1000")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to run (default: cuda when available)")
+    p.add_argument("--vram", type=float, metavar="GB", help="GPU memory to fit in: each stage's batch size is chosen by the cost model (fit.memory_budget_gb), e.g. --vram 12")
     p.add_argument("--quiet", action="store_true", help="only errors and the final line")
     p.add_argument("--truth", metavar="GT_MESH", help="--score: the true mesh; it is normalised to the unit cube as the protocol says")
     p.add_argument("--protocol", choices=["recon", "syncdreamer"], help="--score and benchmarks: how meshes are scored (eval.protocol; default recon)")
@@ -112,6 +113,8 @@ def flag_overrides(args) -> List[str]:
         out.append(f"fit.steps={args.steps}")
     if args.device is not None:
         out.append(f"device={args.device}")
+    if getattr(args, "vram", None) is not None:
+        out.append(f"fit.memory_budget_gb={args.vram}")
     if args.protocol is not None:
         out.append(f"eval.protocol={args.protocol}")
     return out
@@ -243,6 +246,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             return serve(cfg, host=args.host, port=args.port, ray_address=args.ray_address, use_ray=args.ray)
         request = view_request(args, cfg)
+        if request is None:
+            from recon.cost_model import fit_to_budget
+
+            cfg = fit_to_budget(cfg, log)  # --vram: before any directory is made
         if args.reference_mesh:
             mesh_path = Path(args.reference_mesh)
             truth = normalize_to_unit_cube(load_mesh(mesh_path))[0]  # validates before anything is written

@@ -10,13 +10,16 @@ beyond the one-time probes a run would make anyway.
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from recon import hub
-from recon.config import Config
+from recon.config import CONFIG_DIR, Config
+
+MODELLED_PEAKS = "modelled_peaks.json"  # beside the presets, written by python -m recon.bench.cost
 
 NOT_READY = 1  # the documented exit status of a doctor that found a blocker
 
@@ -29,6 +32,20 @@ def weights_on_disk(name: str) -> Tuple[bool, str]:
     folder = Path(hub.cache_dir()) / f"models--{name.replace('/', '--')}" / "snapshots"
     found = folder.is_dir() and any(folder.iterdir())
     return found, f"Hugging Face cache {hub.cache_dir()}"
+
+
+def modelled_peaks() -> Dict[str, float]:
+    """Each GPU preset's modelled peak in GiB, CUDA context included, as ``python -m recon.bench.cost`` wrote it."""
+    path = CONFIG_DIR / MODELLED_PEAKS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def presets_that_fit(card_bytes: int) -> str:
+    """The presets whose modelled peak fits a card of ``card_bytes`` (with the allocator's share, as the cost model rules)."""
+    from recon.cost_model import USABLE_SHARE
+
+    peaks = modelled_peaks()
+    return ", ".join(f"{name} ({peak:.1f} GiB)" for name, peak in sorted(peaks.items(), key=lambda item: item[1]) if peak * 2**30 <= USABLE_SHARE * card_bytes)
 
 
 def examine(cfg: Config, outputs: Path = Path("outputs")) -> Tuple[List[str], List[str]]:
@@ -48,6 +65,7 @@ def examine(cfg: Config, outputs: Path = Path("outputs")) -> Tuple[List[str], Li
         _import_tcnn()
         for name, state in accel.report().items():
             lines.append(f"  {name}: {state}{'' if state == 'ok' else ' (recon falls back to PyTorch)'}")
+        lines.append(f"presets that fit this GPU: {presets_that_fit(total) or 'none'}")
     else:
         lines.append("GPU: none visible to PyTorch (only the cpu preset is practical)")
         blockers.append("no CUDA GPU: a default run needs one (use --config cpu for the self-check)")
