@@ -32,12 +32,12 @@ def one_cpu_cluster():
     ray.shutdown()
 
 
-def backend_on(prior_dir, checker_dir):
+def backend_on(prior_dir, checker_dir, *overrides):
     from recon.app import DemoBackend
 
     # This process is connected already, so the backend uses that cluster; "auto" is what a user
     # would pass for a cluster started with `ray start --head` on the same machine.
-    return DemoBackend(app_config(prior_dir, checker_dir), ray_address="auto")
+    return DemoBackend(app_config(prior_dir, checker_dir, *overrides), ray_address="auto")
 
 
 def test_a_reconstruction_runs_as_a_ray_task_and_lands_a_complete_run(workdir, prior_dir, checker_dir, one_cpu_cluster, monkeypatch):
@@ -92,7 +92,9 @@ def test_a_second_user_sees_their_place_and_cancelled_jobs_free_the_cluster(work
 
     from recon.app import build_app, launch
 
-    backend = backend_on(prior_dir, checker_dir)
+    # The first job's fit runs until cancelled: on a warm worker the few steps of the tests' config
+    # can end between two looks at its progress, and the job with them.
+    backend = backend_on(prior_dir, checker_dir, "fit.steps=100000")
     app = build_app(backend)
     port = free_port()
     launch(app, backend, "127.0.0.1", port, block=False)
@@ -102,6 +104,7 @@ def test_a_second_user_sees_their_place_and_cancelled_jobs_free_the_cluster(work
         # Each user is a client of their own: gradio cancels by session.
         first = Client(url, verbose=False).submit(photo, None, 0, api_name="/reconstruct")
         wait_for(lambda: stage_of(first).startswith("fit"), 60, "the first job to reach the fit on the cluster")
+        backend.cfg = app_config(prior_dir, checker_dir)  # read as each job starts: the later ones take a few steps
         second = Client(url, verbose=False).submit(photo, None, 0, api_name="/reconstruct")
         queued = wait_for(lambda: (s := second.status()).code == Status.IN_QUEUE and s.rank is not None and s, 20, "the second job's place")
         assert (queued.rank, queued.queue_size) == (0, 1)  # next in line, one waiting
