@@ -82,8 +82,13 @@ def reconstruct(
     quiet: bool = True,
     overrides: Sequence[str] = (),
     progress: Optional[ProgressCallback] = None,
+    check_outputs: bool = False,
 ) -> Result:
-    """``--image``: photo -> textured asset. Returns the run directory, the asset files and run.json."""
+    """``--image``: photo -> textured asset. Returns the run directory, the asset files and run.json.
+
+    ``check_outputs``: the finished asset's turntable frames pass the safety
+    checker before any file is written; a flagged asset is withheld (Refused).
+    """
     from recon import pipeline
     from recon.cli import claim_run_dir
     from recon.cost_model import fit_to_budget
@@ -98,7 +103,8 @@ def reconstruct(
     record = new_record(run_dir, cfg, mode="image", input=str(image_path), mask=None if mask is None else str(mask))
     started = time.monotonic()
     with _finished_on_error(record, run_dir), _reporting(progress, started) as log:
-        result = pipeline.reconstruct(image_path, cfg, run_dir, record, mask_path=None if mask is None else str(mask), log=log, quiet=quiet)
+        result = pipeline.reconstruct(image_path, cfg, run_dir, record, mask_path=None if mask is None else str(mask), log=log, quiet=quiet,
+                                      check_outputs=check_outputs)
     return Result(run_dir, dict(result.paths), dict(record.data))
 
 

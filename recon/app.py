@@ -10,7 +10,8 @@ Two layers:
 Safety, as Zero123's model card describes its demo and further: the checker judges
 the raw upload when it arrives and again before every generation or
 reconstruction; the sampled views and the finished asset's turntable frames are
-judged before they are shown. A flagged photo leaves only the refusal's
+judged before they are shown or written (the run itself judges the turntable,
+``check_outputs``, so a flagged asset never reaches the disk). A flagged photo leaves only the refusal's
 ``run.json`` under ``outputs/`` and clears every output on the page. Without the
 checker's weights the app refuses every image (fail closed) and says why.
 
@@ -184,13 +185,13 @@ class DemoBackend:
         return images, f"{len(images)} novel view(s) in {result.run_dir}.{note}"
 
     def reconstruct(self, photo: str, mask: Optional[str], elevation: float, progress=None):
-        """Photo -> asset. Returns the api Result and the OBJ zip; the turntable is judged before it is shown."""
+        """Photo -> asset. Returns the api Result and the OBJ zip; the run judges the turntable before it writes the asset."""
         from recon import api
 
         self.check_upload(photo, mask)  # again, before every reconstruction
         result = api.reconstruct(photo, config=self.cfg, output=self._next_dir(Path(photo).stem), mask=mask, elevation=elevation,
-                                 progress=progress, overrides=self._judged_overrides())
-        return result, self._checked_asset(result)
+                                 progress=progress, check_outputs=True)
+        return result, self._obj_zip(result)
 
     async def reconstruct_here(self, photo: str, mask: Optional[str], elevation: float, progress=None):
         """:meth:`reconstruct` in a worker thread of this process, stopped as Ctrl-C stops it when cancelled.
@@ -237,8 +238,8 @@ class DemoBackend:
     async def reconstruct_on_cluster(self, photo: str, mask: Optional[str], elevation: float, progress=None):
         """:meth:`reconstruct` as a Ray task on the cluster; the same run directory and run.json.
 
-        The safety gate judges the upload here before the task is submitted, and
-        the turntable here after it. ``progress`` hears the stage and step the
+        The safety gate judges the upload here before the task is submitted; the
+        task's run judges the turntable before it writes the asset. ``progress`` hears the stage and step the
         task posts to the progress board (polled every ``POLL_SECONDS``), and
         ("waiting for the cluster", 0, 0, seconds) until the task's first report.
         Cancelling this coroutine (gradio does, when a user cancels) cancels the
@@ -252,7 +253,7 @@ class DemoBackend:
         run_dir = self._reserve_dir(Path(photo).stem)
         job = uuid.uuid4().hex
         options = dict(config=self.cfg, output=str(run_dir), mask=None if mask is None else str(Path(mask).resolve()),
-                       elevation=elevation, overrides=self._judged_overrides())
+                       elevation=elevation, check_outputs=True)
         ref = self._task.remote(self._board, job, list(sys.argv), str(Path(photo).resolve()), options)
         try:
             result = await self._wait_for_task(ref, job, progress)
@@ -267,7 +268,7 @@ class DemoBackend:
             self._board.forget.remote(job)
             # Whenever the task ends (now, or after a cancel reaches it), tidy what it left.
             ref.future().add_done_callback(lambda future: _settle_run_dir(run_dir, future))
-        return result, await asyncio.to_thread(self._checked_asset, result)
+        return result, await asyncio.to_thread(self._obj_zip, result)
 
     async def _wait_for_task(self, ref, job: str, progress):
         """The task's api.Result; its errors as they would be raised here, or ClusterTaskFailed."""
@@ -290,65 +291,6 @@ class DemoBackend:
             from recon.cluster import task_failure
 
             raise ClusterTaskFailed(task_failure(error)) from None
-
-    def _judged_overrides(self) -> List[str]:
-        # with the checker on, the turntable is always made: it is what the finished asset is judged by
-        return ["export.preview=true"] if self.cfg.gate.enabled else []
-
-    def _checked_asset(self, result) -> Optional[Path]:
-        """The turntable judged (Refused when flagged), then the OBJ zip."""
-        self._judge_turntable(result)
-        return self._obj_zip(result)
-
-    def _reserve_dir(self, stem: str) -> Path:
-        """outputs/<stem>-<time>, made empty now (absolute, for a worker elsewhere).
-
-        Made here, not only named: reconstructions on the cluster run at once, so
-        two jobs started in the same second must not be given the same folder.
-        The task's run claims it as the command line claims an empty --output.
-        """
-        while True:
-            path = self._next_dir(stem).resolve()
-            try:
-                path.mkdir(parents=True)
-                return path
-            except FileExistsError:
-                continue  # another job took it between the look and the make
-
-    def _locked_gate(self):
-        if self.gate is None:
-            return None
-        backend = self
-
-        class Locked:  # the views run in a worker thread while uploads may be judged
-            def check(self, image):
-                with backend._gate_lock:
-                    return backend.gate.check(image)
-
-        return Locked()
-
-    def _judge_turntable(self, result) -> None:
-        """Every turntable frame and the contact sheet through the checker; a flagged asset is withheld.
-
-        The files are already written by the pipeline (it has no hook before its
-        export); a flagged asset's files are removed again and the record says so.
-        """
-        if not self.cfg.gate.enabled:
-            return
-        frames = list(_turntable_frames(result.paths))
-        flagged = [i for i, frame in enumerate(frames) if self.judge(frame).flagged]
-        from recon.run_record import RunRecord
-
-        record = RunRecord.load(result.run_dir)
-        record.update(outputs_checked={"frames": len(frames), "flagged": flagged})
-        if flagged:
-            message = "the safety checker flagged the finished asset's turntable; it is withheld (recorded in run.json)"
-            # the checkpoint goes too: --export-only would make the same asset again
-            for path in [*result.paths.values(), Path(result.run_dir) / CHECKPOINT]:
-                Path(path).unlink(missing_ok=True)
-            record.finish("refused", withheld="asset: the safety checker flagged its turntable frames", outputs={}, error=message)
-            raise Refused(message)
-        result.record.update(record.data)
 
     def _obj_zip(self, result) -> Optional[Path]:
         names = [result.paths[k] for k in ("obj", "mtl", "texture") if k in result.paths]
@@ -412,18 +354,6 @@ def _settle_run_dir(run_dir: Path, future) -> None:
     error = None if future.cancelled() else future.exception()
     status = "interrupted" if isinstance(error, ray.exceptions.TaskCancelledError) else "failed"
     record.finish(status, error=task_failure(error) if error is not None else "the Ray task ended without a result")
-
-
-def _turntable_frames(paths):
-    """The preview animation's frames and the contact sheet, as RGB images."""
-    import imageio.v3 as iio
-
-    for kind in ("mp4", "gif"):
-        if kind in paths:
-            for frame in iio.imiter(paths[kind]):
-                yield Image.fromarray(frame[..., :3])
-    if "png" in paths:
-        yield Image.open(paths["png"]).convert("RGB")
 
 
 # ----------------------------------------------------------------------------- the page

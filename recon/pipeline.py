@@ -18,7 +18,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from functools import partial
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from PIL import Image
 
 from recon.config import Config, apply_overrides, from_dict, to_dict
 from recon.device import choose_device
-from recon.errors import BadInput
+from recon.errors import BadInput, Refused
 from recon.eval.score import image_scores, mesh_views, score_reconstruction
 from recon.eval.truth import eval_cameras, photo_camera, render_photo, truth_views, with_albedo
 from recon.fit import new_fit_state, read_checkpoint, reference_camera, restore_fit_state, run_fit
@@ -36,7 +37,7 @@ from recon.mesh.data import MeshData, normalize_to_unit_cube
 from recon.mesh.export import export_asset
 from recon.mesh.extract import CARVE_DEPTH_OPACITY, DepthViews, extract_mesh
 from recon.mesh.io import load_mesh
-from recon.mesh.preview import write_previews
+from recon.mesh.preview import Previews, render_previews, save_previews
 from recon.mesh.refine import refine_texture
 from recon.mesh.texture import bake_texture, bake_vertex_colors, unwrap
 from recon.prepare import ReferenceView
@@ -86,6 +87,7 @@ def reconstruct(
     log=None,
     quiet: bool = False,
     resume: bool = False,
+    check_outputs: bool = False,
 ) -> RunResult:
     """gate -> prepare -> fit -> extract -> texture -> export, and evaluate when ``truth`` is given.
 
@@ -94,6 +96,8 @@ def reconstruct(
     scored against. ``camera``: the camera that took the photo; by default the
     preset's camera at ``camera.reference_elevation`` over the photo's height.
     ``check_safety=False`` is for photos recon rendered itself; the record says so.
+    ``check_outputs``: the finished asset's turntable and contact sheet pass the
+    safety checker too, before any file is written (the web app asks for it).
     """
     started = time.monotonic()
     device = choose_device(cfg.device)
@@ -123,7 +127,8 @@ def reconstruct(
         prior = _build_prior(cfg, reference, truth, fit_to_world, device)
     with timer.stage("fit"):
         state = _fit_or_resume(cfg, device, prior, reference, run_dir, resume, quiet)
-    asset = finish_asset(state, cfg, run_dir, timer, prior=prior, reference=reference, quiet=quiet)
+    check = partial(_check_previews, cfg=cfg, device=device, record=record, run_dir=run_dir) if check_outputs and cfg.gate.enabled else None
+    asset = finish_asset(state, cfg, run_dir, timer, prior=prior, reference=reference, quiet=quiet, check_previews=check)
     del prior
     paths = asset.paths
     metrics = None
@@ -185,8 +190,13 @@ class Asset:
     refine_stats: Dict[str, float] = field(default_factory=dict)
 
 
-def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer, prior=None, reference: Optional[ReferenceView] = None, quiet: bool = True) -> Asset:
-    """Fitted field -> mesh -> texture -> refinement (with a prior and the reference view) -> files."""
+def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer, prior=None, reference: Optional[ReferenceView] = None, quiet: bool = True,
+                 check_previews: Optional[Callable[[Previews], None]] = None) -> Asset:
+    """Fitted field -> mesh -> texture -> refinement (with a prior and the reference view) -> files.
+
+    ``check_previews`` sees the asset's pictures before any file is written,
+    and may refuse them by raising (the web app's output check).
+    """
     with timer.stage("extract"):
         cameras, distance, opacity = carving_views(
             state.field, state.occupancy, cfg.camera.elevation_range, cfg.camera.distance, cfg.camera.fovy,
@@ -214,9 +224,14 @@ def finish_asset(state, cfg: Config, run_dir: Path, timer: StageTimer, prior=Non
             )
     mesh = mesh.to("cpu")
     with timer.stage("export"):
+        previews = None
+        if cfg.export.preview or check_previews is not None:
+            previews = render_previews(mesh, frames=cfg.export.preview_frames, resolution=cfg.export.preview_resolution)
+        if check_previews is not None:
+            check_previews(previews)
         paths = export_asset(mesh, run_dir, formats=tuple(cfg.export.formats))
         if cfg.export.preview:
-            paths.update(write_previews(mesh, run_dir, frames=cfg.export.preview_frames, resolution=cfg.export.preview_resolution))
+            paths.update(save_previews(previews, run_dir))
     return Asset(mesh, paths, unrefined.to("cpu") if unrefined is not None else None, refine_stats)
 
 
@@ -347,6 +362,24 @@ def _gate(image, cfg: Config, device, record: RunRecord) -> None:
     verdict = gate_image(image, cfg.gate, device)
     record.update(safety={"checked": True, **verdict.to_dict()})
     verdict.raise_if_flagged()
+
+
+def _check_previews(previews: Previews, cfg: Config, device, record: RunRecord, run_dir: Path) -> None:
+    """Every picture of the finished asset through the safety checker, before any of its files is written.
+
+    A flagged asset is withheld: nothing is exported, the checkpoint goes too
+    (``--export-only`` would make the same asset again), and run.json says why.
+    """
+    from recon.gate import load_safety_gate
+
+    gate = load_safety_gate(cfg.gate.model, device, cfg.gate.threshold_scale, cfg.gate.max_side)
+    images = previews.images()
+    flagged = [index for index, image in enumerate(images) if gate.check(Image.fromarray(image)).flagged]
+    record.update(outputs_checked={"frames": len(images), "flagged": flagged})
+    if flagged:
+        (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        record.update(withheld="asset: the safety checker flagged its turntable frames")
+        raise Refused("the safety checker flagged the finished asset's turntable; it is withheld (recorded in run.json)")
 
 
 def _frames_record(recentring: Recentring, camera: PhotoCamera, cfg: Config) -> dict:

@@ -262,18 +262,24 @@ class FlagsTurntable:
         return SafetyVerdict(flagged, [0.1 if flagged else -0.5], [], 1.0, "stand-in")
 
 
-def test_a_flagged_turntable_withholds_the_asset(workdir, prior_dir, checker_dir):
+def test_a_flagged_turntable_withholds_the_asset_before_it_is_written(workdir, prior_dir, checker_dir, monkeypatch):
+    import recon.gate
+    import recon.pipeline
     from recon.app import DemoBackend
 
     backend = DemoBackend(app_config(prior_dir, checker_dir))
     backend.gate = FlagsTurntable()
+    monkeypatch.setattr(recon.gate, "load_safety_gate", lambda *args, **kwargs: FlagsTurntable())  # the run's own checker
+    written = []
+    monkeypatch.setattr(recon.pipeline, "export_asset", lambda *args, **kwargs: written.append(args) or {})
     with pytest.raises(Refused, match="turntable"):
         backend.reconstruct(str(object_photo(workdir / "mug.png")), None, 0.0)
+    assert written == []  # judged before the export, not removed after it
     (run,) = (workdir / "outputs").iterdir()
     left = sorted(p.name for p in run.iterdir())
     assert not {"model.glb", "model.obj", "model_texture.png", "preview.png", "checkpoint.pt"} & set(left), left
     record = json.loads((run / "run.json").read_text())
-    assert record["status"] == "refused" and record["withheld"].startswith("asset") and record["outputs"] == {}
+    assert record["status"] == "refused" and record["withheld"].startswith("asset") and not record.get("outputs")
     assert record["outputs_checked"]["frames"] == 2 + 1 and record["outputs_checked"]["flagged"] == [0, 1]
 
 

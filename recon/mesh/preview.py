@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -39,32 +40,37 @@ SHEET_TOP_ELEVATION = 45.0  # the contact sheet's second row looks down on the o
 RENDER_BATCH = 8  # views per render call: bounds memory at large resolutions
 
 
-def write_previews(
+@dataclass
+class Previews:
+    """The pictures of a finished asset, in memory: checked (the web app's safety checker) before any is written."""
+
+    turntable: np.ndarray  # uint8 [N, H, W, 3], one frame per step round the object
+    sheet: np.ndarray  # uint8 [2 h, 4 w, 3], the contact sheet
+
+    def images(self) -> List[np.ndarray]:
+        """Every picture a viewer would see: the turntable's frames, then the sheet."""
+        return list(self.turntable) + [self.sheet]
+
+
+def render_previews(
     mesh: MeshData,
-    run_dir: Path,
     frames: int = 60,
     resolution: int = 512,
     elevation: float = 15.0,
     distance: Optional[float] = None,
     fovy: Optional[float] = None,
-    fps: int = 20,
     background=(1.0, 1.0, 1.0),
-) -> Dict[str, Path]:
-    """Write ``preview.mp4`` (or ``preview.gif``) and ``preview.png`` into ``run_dir``.
+) -> Previews:
+    """The turntable (``frames`` views at ``elevation``) and the contact sheet of ``mesh``.
 
     ``distance=None`` frames the whole mesh from any direction (its bounding
     sphere about the origin, where cameras look, fits the view with a margin).
-    Returns the written paths keyed ``mp4`` or ``gif``, and ``png``.
     """
-    run_dir = Path(run_dir)
     fovy = DEFAULT_FOVY if fovy is None else fovy
     distance = framing_distance(mesh, fovy) if distance is None else distance
     device = mesh.device
-
     turntable = orbit_cameras(frames, elevation, distance, fovy, device=device)
     video = _render(mesh, turntable, resolution, background, ssaa=1)
-    written = _write_video(video, run_dir / "preview", fps)
-
     tile = max(resolution // 2, 16)
     azimuths = torch.arange(SHEET_COLUMNS, dtype=torch.float32) * (360.0 / SHEET_COLUMNS)
     sheet_cameras = Cameras.make(
@@ -75,9 +81,21 @@ def write_previews(
         device=device,
     )
     tiles = _render(mesh, sheet_cameras, tile, background, ssaa=2)
+    return Previews(video, contact_sheet(tiles, SHEET_COLUMNS))
+
+
+def save_previews(previews: Previews, run_dir: Path, fps: int = 20) -> Dict[str, Path]:
+    """Write ``preview.mp4`` (or ``preview.gif``) and ``preview.png`` into ``run_dir``; the paths keyed ``mp4`` or ``gif``, and ``png``."""
+    run_dir = Path(run_dir)
+    written = _write_video(previews.turntable, run_dir / "preview", fps)
     written["png"] = run_dir / "preview.png"
-    _save_image(contact_sheet(tiles, SHEET_COLUMNS), written["png"], "PNG")
+    _save_image(previews.sheet, written["png"], "PNG")
     return written
+
+
+def write_previews(mesh: MeshData, run_dir: Path, frames: int = 60, resolution: int = 512, fps: int = 20, **view) -> Dict[str, Path]:
+    """Render and write the previews of ``mesh`` (:func:`render_previews`'s ``view`` arguments)."""
+    return save_previews(render_previews(mesh, frames, resolution, **view), run_dir, fps)
 
 
 def framing_distance(mesh: MeshData, fovy: float) -> float:
