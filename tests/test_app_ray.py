@@ -18,6 +18,9 @@ import pytest
 from test_app import app_config, free_port, stage_of, wait_for
 from test_cli import object_photo
 
+# A Ray cluster's start and its warm-up take most of a minute on two cores: the slow tier (CI runs it).
+pytestmark = pytest.mark.slow
+
 ray = pytest.importorskip("ray", reason="Ray is the optional 'bench' extra; CI installs it")
 pytest.importorskip("gradio", reason="the web app is the optional 'demo' extra; CI installs it")
 
