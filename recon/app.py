@@ -292,6 +292,33 @@ class DemoBackend:
 
             raise ClusterTaskFailed(task_failure(error)) from None
 
+    def _reserve_dir(self, stem: str) -> Path:
+        """outputs/<stem>-<time>, made empty now (absolute, for a worker elsewhere).
+
+        Made here, not only named: reconstructions on the cluster run at once, so
+        two jobs started in the same second must not be given the same folder.
+        The task's run claims it as the command line claims an empty --output.
+        """
+        while True:
+            path = self._next_dir(stem).resolve()
+            try:
+                path.mkdir(parents=True)
+                return path
+            except FileExistsError:
+                continue  # another job took it between the look and the make
+
+    def _locked_gate(self):
+        if self.gate is None:
+            return None
+        backend = self
+
+        class Locked:  # the views run in a worker thread while uploads may be judged
+            def check(self, image):
+                with backend._gate_lock:
+                    return backend.gate.check(image)
+
+        return Locked()
+
     def _obj_zip(self, result) -> Optional[Path]:
         names = [result.paths[k] for k in ("obj", "mtl", "texture") if k in result.paths]
         if not names:
