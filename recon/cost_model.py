@@ -54,7 +54,7 @@ from recon.render.volume import step_size
 # World-space depth of occupied space a ray marches through, averaged over the
 # rays of the input view and of the random views at the fit's worst step
 # (recon/bench/results/march_depth.json): samples per ray = depth / step.
-MARCH_DEPTH = 0.35
+MARCH_DEPTH = 0.41
 CUDA_CONTEXT_BYTES = 512 * 2**20
 GIB = 2**30
 

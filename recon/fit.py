@@ -181,6 +181,10 @@ def fit_step(state: FitState, prior, target: _ReferenceTarget, cfg: Config) -> D
     state.step += 1
     stats = {name: float(value.detach()) for name, value in losses.items()}
     stats["loss"] = float(total.detach())
+    # Samples kept per ray after the occupancy grid and the early stop: what the cost model's MARCH_DEPTH is measured from.
+    stats["ref_samples_per_ray"] = ref.n_samples / origins.shape[0]
+    if "sds" in losses:
+        stats["view_samples_per_ray"] = views.n_samples / (batch * resolution * resolution)
     return stats
 
 
