@@ -177,6 +177,9 @@ class RefineConfig:
     batch_size: int = ranged(2, 1, 64)  # random views per step
     lambda_rgb: float = ranged(1000.0, 0.0, 1e6)  # the reference view's MSE, weighted as in the fit
     lambda_sds: float = ranged(1.0, 0.0, 1e6)
+    # The reference prior's truth averaged over supersampling^2 samples a pixel, as the views it
+    # is compared with are (one sample a pixel gives stair-stepped outlines); Zero123 ignores it.
+    antialiased_truth: bool = False
     # Small vertex offsets along the normals, fitted before the texture through antialiased
     # silhouettes; each of these steps rasterises its views again (slower than a texture step).
     vertex_offsets: bool = False

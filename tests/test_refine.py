@@ -16,7 +16,7 @@ from recon.cli import main
 from recon.config import CameraConfig, PriorConfig, RefineConfig
 from recon.eval.metrics import psnr
 from recon.mesh.data import MeshData
-from recon.mesh.refine import refine_texture, render_texture, texel_views, uniform_laplacian
+from recon.mesh.refine import refine_texture, render_texture, texel_views, truth_sampling, uniform_laplacian
 from recon.prior.reference import ReferencePrior
 from recon.render.mesh_raster import render_mesh
 
@@ -160,6 +160,27 @@ def test_vertex_offsets_stay_bounded_and_bring_a_shrunken_mesh_back():
     before = psnr(render_mesh(start, views, 64, ssaa=2)["rgb"], truth_images)
     after = psnr(render_mesh(refined, views, 64, ssaa=2)["rgb"], truth_images)
     assert after > before + 0.5, (before, after)
+
+
+def test_truth_sampling_gives_the_reference_prior_an_antialiased_truth_and_puts_it_back():
+    """Within the block SDS pulls an antialiased render towards itself (no gradient); at one sample a pixel it does not."""
+    truth = crate()
+    camera = Cameras.make(20.0, 30.0, 2.0, 40.0)
+    prior = ReferencePrior(truth, PriorConfig(), "cpu", seed=0)
+
+    def sds_gradient() -> torch.Tensor:
+        image = render_mesh(truth, camera, 24, ssaa=2)["rgb"].requires_grad_(True)
+        prior.sds_loss(image, camera, step=1200)["loss_sds"].backward()
+        return image.grad.abs()
+
+    with truth_sampling(prior, 2):
+        assert prior.ssaa == 2
+        assert float(sds_gradient().max()) < 1e-4
+    assert prior.ssaa == 1
+    assert float(sds_gradient().max()) > 1e-2  # the outline differs from the stair-stepped truth
+    other = object()  # a prior without a rendered truth (Zero123) is left alone
+    with truth_sampling(other, 2):
+        assert not hasattr(other, "ssaa")
 
 
 def test_fixed_geometry_renders_match_render_mesh_and_its_gradient():

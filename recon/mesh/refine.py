@@ -22,8 +22,9 @@ outline has a gradient; the texture phase then runs as above on the moved mesh.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,25 @@ def render_texture(views: TexelViews, texture: torch.Tensor, background: torch.T
     uncovered = 1.0 - views.coverage[chosen].reshape(-1, 1)
     image = (background.to(texture.dtype) * uncovered).index_add(0, pixel, colour / views.ssaa**2)
     return image.view(len(chosen), views.resolution, views.resolution, 3)
+
+
+@contextmanager
+def truth_sampling(prior, ssaa: int) -> Iterator[None]:
+    """Within the block, a prior that renders a known truth (``prior.ssaa``: the reference prior) averages it over ssaa x ssaa samples a pixel.
+
+    The prior is shared with the fit, whose point-sampled field renders keep one
+    sample a pixel, so the setting is put back afterwards. Priors without a
+    rendered truth (Zero123) are left as they are.
+    """
+    previous = getattr(prior, "ssaa", None)
+    if previous is None:
+        yield
+        return
+    prior.ssaa = ssaa
+    try:
+        yield
+    finally:
+        prior.ssaa = previous
 
 
 def uniform_laplacian(values: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -206,34 +226,37 @@ def refine_texture(
     generator = torch.Generator().manual_seed(seed)
     bg = torch.as_tensor(background, dtype=torch.float32, device=device)
     random_views = random_cameras(cfg.n_views, camera_cfg.elevation_range, camera_cfg.distance, camera_cfg.fovy, generator, device)
-    offset_stats: Dict[str, float] = {}
-    if cfg.vertex_offsets and cfg.vertex_steps > 0:
-        mesh, offset_stats = fit_vertex_offsets(
-            mesh, prior, reference_rgb, reference_alpha, reference_cameras, random_views, cfg, prior_step, background, seed, progress
-        )
-    reference = texel_views(mesh, reference_cameras, cfg.resolution, cfg.supersampling)
-    others = texel_views(mesh, random_views, cfg.resolution, cfg.supersampling)
-    target = reference_rgb.to(device=device, dtype=torch.float32)
+    # The views compared with the truth average supersampling^2 samples a pixel (the vertex phase's
+    # antialiased outlines approximate the same area average).
+    with truth_sampling(prior, cfg.supersampling if cfg.antialiased_truth else 1):
+        offset_stats: Dict[str, float] = {}
+        if cfg.vertex_offsets and cfg.vertex_steps > 0:
+            mesh, offset_stats = fit_vertex_offsets(
+                mesh, prior, reference_rgb, reference_alpha, reference_cameras, random_views, cfg, prior_step, background, seed, progress
+            )
+        reference = texel_views(mesh, reference_cameras, cfg.resolution, cfg.supersampling)
+        others = texel_views(mesh, random_views, cfg.resolution, cfg.supersampling)
+        target = reference_rgb.to(device=device, dtype=torch.float32)
 
-    texture = mesh.texture.detach().float().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([texture], lr=cfg.lr, betas=(0.9, 0.99))
-    first: Dict[str, float] = {}
-    stats: Dict[str, float] = {}
-    for step in range(cfg.steps):
-        losses = {"rgb": F.mse_loss(render_texture(reference, texture, bg), target)}
-        if cfg.lambda_sds > 0:
-            index = torch.randperm(cfg.n_views, generator=generator)[: cfg.batch_size]
-            images = render_texture(others, texture, bg, index)
-            losses["sds"] = prior.sds_loss(images, random_views[index.to(device)], prior_step)["loss_sds"]
-        total = cfg.lambda_rgb * losses["rgb"] + cfg.lambda_sds * losses.get("sds", 0.0)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        with torch.no_grad():
-            texture.clamp_(0.0, 1.0)
-        stats = {f"refine_{name}_loss": float(value.detach()) for name, value in losses.items()}
-        first = first or {key.replace("_loss", "_loss_first"): value for key, value in stats.items()}
-        if progress is not None:  # recon.progress.Progress
-            progress.update(1, loss=float(total.detach()))
+        texture = mesh.texture.detach().float().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([texture], lr=cfg.lr, betas=(0.9, 0.99))
+        first: Dict[str, float] = {}
+        stats: Dict[str, float] = {}
+        for step in range(cfg.steps):
+            losses = {"rgb": F.mse_loss(render_texture(reference, texture, bg), target)}
+            if cfg.lambda_sds > 0:
+                index = torch.randperm(cfg.n_views, generator=generator)[: cfg.batch_size]
+                images = render_texture(others, texture, bg, index)
+                losses["sds"] = prior.sds_loss(images, random_views[index.to(device)], prior_step)["loss_sds"]
+            total = cfg.lambda_rgb * losses["rgb"] + cfg.lambda_sds * losses.get("sds", 0.0)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            with torch.no_grad():
+                texture.clamp_(0.0, 1.0)
+            stats = {f"refine_{name}_loss": float(value.detach()) for name, value in losses.items()}
+            first = first or {key.replace("_loss", "_loss_first"): value for key, value in stats.items()}
+            if progress is not None:  # recon.progress.Progress
+                progress.update(1, loss=float(total.detach()))
     refined = replace(mesh, texture=texture.detach().to(mesh.texture.dtype))
     return refined, {**offset_stats, **first, **stats, "refine_steps": cfg.steps}

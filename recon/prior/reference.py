@@ -27,8 +27,11 @@ from recon.render.mesh_raster import render_mesh
 
 
 class ReferencePrior:
-    def __init__(self, mesh: MeshData, cfg: PriorConfig, device, background=(1.0, 1.0, 1.0), seed: int = 0):
+    def __init__(self, mesh: MeshData, cfg: PriorConfig, device, background=(1.0, 1.0, 1.0), seed: int = 0, ssaa: int = 1):
         self.mesh = mesh.to(device)
+        # Samples a side per pixel of the truth SDS pulls towards: the refinement's supersampled
+        # views average each pixel's area, and need a truth averaged the same way (recon.mesh.refine.truth_sampling).
+        self.ssaa = ssaa
         self.cfg = cfg
         self.device = torch.device(device)
         self.background = tuple(background)
@@ -44,14 +47,15 @@ class ReferencePrior:
     def true_views(self, cameras: Cameras, height: int, width: Optional[int] = None, ssaa: int = 1) -> torch.Tensor:
         """Ground-truth renders [N, H, W, 3] over the background (unlit albedo).
 
-        Training views use one sample per pixel centre, as the field's renders
-        do; evaluation passes ``ssaa`` > 1 for antialiased truth.
+        The fit's views use one sample per pixel centre, as the field's renders
+        do; evaluation and (with ``refine.antialiased_truth``) the refinement's SDS
+        use ``ssaa`` > 1 for antialiased truth.
         """
         return render_mesh(self.mesh, cameras.to(self.device), height, width, background=self.background, shading="albedo", ssaa=ssaa)["rgb"]
 
     def sds_loss(self, images: torch.Tensor, cameras: Cameras, step: int) -> dict:
         batch = images.shape[0]
-        truth = self.true_views(cameras, images.shape[1], images.shape[2])
+        truth = self.true_views(cameras, images.shape[1], images.shape[2], ssaa=self.ssaa)
         t = sds.sample_timesteps(batch, sds.timestep_range(self.cfg, step), generator=self.generator, device=self.device)
         alpha_bar = self.alphas_cumprod[t]
         noise = torch.randn(images.shape, generator=self.generator).to(images.device)
