@@ -210,7 +210,7 @@ class PricedFit:
         modules = [self.state.field, self.prior.unet, self.prior.vae, self.prior.projection, self.image_encoder, *self.held]
         tensors = [t for m in modules if m is not None for t in list(m.parameters()) + list(m.buffers())]
         tensors += [t for t in self.state.occupancy.state_dict().values() if isinstance(t, torch.Tensor)]
-        tensors += [t for moments in self.state.optimizer.state.values() for t in moments.values() if isinstance(t, torch.Tensor)]
+        tensors += _adam_moments(self.state.optimizer)
         tensors += [self.prior.clip_embedding, self.prior.cond_latent, self.prior.alphas_cumprod]
         return tensors
 
@@ -248,45 +248,49 @@ class PricedFit:
         return rgb + (1.0 - opacity), opacity
 
 
-def price_step(fit: PricedFit, shape: StepShape, step_index: int = 0) -> StepCost:
-    """FLOPs and peak memory of one step of ``shape`` on ``fit``."""
+def _adam_moments(optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
+    return [t for moments in optimizer.state.values() for t in moments.values() if isinstance(t, torch.Tensor)]
+
+
+def _price(fit: PricedFit, resident: List[torch.Tensor], run: Callable[[], object]) -> StepCost:
+    """FLOPs and peak memory of ``run()`` on ``fit``, with ``resident`` the tensors held before it."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    resident = fit.resident()
     with fit.mode:
         tracker = LiveBytes(resident)
     resident_bytes = tracker.live
     del resident
     with FlopCounterMode(display=False) as flops, tracker:
-        fit.step(shape, step_index)
+        run()
     return StepCost(flops=int(flops.get_total_flops()), peak_bytes=tracker.peak, resident_bytes=resident_bytes)
+
+
+def price_step(fit: PricedFit, shape: StepShape, step_index: int = 0) -> StepCost:
+    """FLOPs and peak memory of one step of ``shape`` on ``fit``."""
+    return _price(fit, fit.resident(), lambda: fit.step(shape, step_index))
 
 
 def price_refine_step(fit: PricedFit, batch: int, resolution: int, texture_size: int) -> StepCost:
     """FLOPs and peak memory of one texture-refinement step (recon.mesh.refine): SDS on ``batch``
     renders of ``resolution`` pixels a side, differentiable in a ``texture_size``-texel RGB texture
     with Adam's moments. The texture lookup itself (a gather) is left out; the prior dominates."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with fit.mode:
         texture = torch.zeros(texture_size, texture_size, 3, requires_grad=True)
         optimizer = torch.optim.Adam([texture])
         texture.grad = torch.zeros_like(texture)
         optimizer.step()  # Adam's moments, as after the first step
-    resident = fit.resident() + [texture] + [t for moments in optimizer.state.values() for t in moments.values() if isinstance(t, torch.Tensor)]
-    with fit.mode:
-        tracker = LiveBytes(resident)
-    resident_bytes = tracker.live
-    del resident
     cameras = random_cameras(batch, fit.cfg.camera.elevation_range, fit.cfg.camera.distance, fit.cfg.camera.fovy, fit.cameras_generator)
-    with FlopCounterMode(display=False) as flops, tracker, fit.mode:
-        index = torch.zeros(batch * resolution * resolution, dtype=torch.int64)
-        images = texture.view(-1, 3).index_select(0, index).view(batch, resolution, resolution, 3)
-        loss = fit.prior.sds_loss(images, cameras, 0, stats=False)["loss_sds"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return StepCost(flops=int(flops.get_total_flops()), peak_bytes=tracker.peak, resident_bytes=resident_bytes)
+
+    def step():
+        with fit.mode:
+            index = torch.zeros(batch * resolution * resolution, dtype=torch.int64)
+            images = texture.view(-1, 3).index_select(0, index).view(batch, resolution, resolution, 3)
+            loss = fit.prior.sds_loss(images, cameras, 0, stats=False)["loss_sds"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    return _price(fit, fit.resident() + [texture] + _adam_moments(optimizer), step)
 
 
 # The caching allocator's rounding and fragmentation need a share of the card
@@ -294,9 +298,19 @@ def price_refine_step(fit: PricedFit, batch: int, resolution: int, texture_size:
 USABLE_SHARE = 0.9
 
 
+def usable_bytes(card_gib: float) -> float:
+    """Tensor bytes a card of ``card_gib`` GiB can hold: its usable share less the CUDA context."""
+    return USABLE_SHARE * card_gib * GIB - CUDA_CONTEXT_BYTES
+
+
+def card_needed_gib(peak_bytes: int) -> float:
+    """The smallest card (GiB) whose :func:`usable_bytes` hold a modelled peak."""
+    return (peak_bytes + CUDA_CONTEXT_BYTES) / USABLE_SHARE / GIB
+
+
 def fits_card(peak_bytes: int, card_gib: float) -> bool:
     """Whether a modelled peak fits a card of ``card_gib`` GiB, with the CUDA context and the allocator's share."""
-    return peak_bytes + CUDA_CONTEXT_BYTES <= USABLE_SHARE * card_gib * GIB
+    return peak_bytes <= usable_bytes(card_gib)
 
 
 def batch_sizes_for_budget(cfg: Config, budget_gib: float, log=None, shapes: Optional[dict] = None) -> List[int]:
@@ -316,10 +330,9 @@ def batch_sizes_for_budget(cfg: Config, budget_gib: float, log=None, shapes: Opt
         if not fits_card(peak, budget_gib):
             one = peak if batch == 1 else price_step(fit, replace(shape, batch=1)).peak_bytes
             if not fits_card(one, budget_gib):
-                need = (one + CUDA_CONTEXT_BYTES) / USABLE_SHARE / GIB
-                raise BadInput(f"fit.memory_budget_gb={budget_gib:g}: stage {index} ({shape.resolution} px) needs about {need:.1f} GB even with one view; try --config lowvram")
+                raise BadInput(f"fit.memory_budget_gb={budget_gib:g}: stage {index} ({shape.resolution} px) needs about {card_needed_gib(one):.1f} GB even with one view; try --config lowvram")
             per_view = (peak - one) / (batch - 1)
-            batch = max(1, min(batch - 1, int((USABLE_SHARE * budget_gib * GIB - CUDA_CONTEXT_BYTES - one) // per_view) + 1))
+            batch = max(1, min(batch - 1, int((usable_bytes(budget_gib) - one) // per_view) + 1))
             while batch > 1 and not fits_card(price_step(fit, replace(shape, batch=batch)).peak_bytes, budget_gib):
                 batch -= 1
         if log is not None:

@@ -42,10 +42,11 @@ def modelled_peaks() -> Dict[str, float]:
 
 def presets_that_fit(card_bytes: int) -> str:
     """The presets whose modelled peak fits a card of ``card_bytes`` (with the allocator's share, as the cost model rules)."""
-    from recon.cost_model import USABLE_SHARE
+    from recon.cost_model import CUDA_CONTEXT_BYTES, GIB, fits_card
 
-    peaks = modelled_peaks()
-    return ", ".join(f"{name} ({peak:.1f} GiB)" for name, peak in sorted(peaks.items(), key=lambda item: item[1]) if peak * 2**30 <= USABLE_SHARE * card_bytes)
+    peaks = modelled_peaks()  # the CUDA context included, which fits_card adds itself
+    return ", ".join(f"{name} ({peak:.1f} GiB)" for name, peak in sorted(peaks.items(), key=lambda item: item[1])
+                     if fits_card(peak * GIB - CUDA_CONTEXT_BYTES, card_bytes / GIB))
 
 
 def examine(cfg: Config, outputs: Path = Path("outputs")) -> Tuple[List[str], List[str]]:
