@@ -170,9 +170,14 @@ def load_safety_gate(model: str, device, threshold_scale: float = 1.0, max_side:
     return SafetyGate(checker, processor, model, device, threshold_scale=threshold_scale, max_side=max_side)
 
 
+def gate_from_config(cfg, device) -> SafetyGate:
+    """The checker named by ``cfg`` (a GateConfig), with its threshold scale and size limit."""
+    return load_safety_gate(cfg.model, device, threshold_scale=cfg.threshold_scale, max_side=cfg.max_side)
+
+
 def gate_image(image: Image.Image, cfg, device) -> SafetyVerdict:
     """Load the checker named by ``cfg`` (a GateConfig), judge ``image``, free the checker: the verdict."""
-    gate = load_safety_gate(cfg.model, device, threshold_scale=cfg.threshold_scale, max_side=cfg.max_side)
+    gate = gate_from_config(cfg, device)
     try:
         return gate.check(image)
     finally:

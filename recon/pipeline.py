@@ -370,9 +370,9 @@ def _check_previews(previews: Previews, cfg: Config, device, record: RunRecord, 
     A flagged asset is withheld: nothing is exported, the checkpoint goes too
     (``--export-only`` would make the same asset again), and run.json says why.
     """
-    from recon.gate import load_safety_gate
+    from recon.gate import gate_from_config
 
-    gate = load_safety_gate(cfg.gate.model, device, cfg.gate.threshold_scale, cfg.gate.max_side)
+    gate = gate_from_config(cfg.gate, device)
     images = previews.images()
     flagged = [index for index, image in enumerate(images) if gate.check(Image.fromarray(image)).flagged]
     record.update(outputs_checked={"frames": len(images), "flagged": flagged})
