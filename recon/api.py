@@ -59,7 +59,7 @@ def config_for(
         raise _bad_input("safety_checker and no_safety_check exclude each other")
     flags = SimpleNamespace(
         prior=prior, safety_checker=safety_checker, no_safety_check=no_safety_check, elevation=elevation,
-        seed=seed, steps=steps, device=device, protocol=None,
+        seed=seed, steps=steps, device=device, protocol=None, vram=None,
     )
     if isinstance(config, Config):
         return apply_overrides(config, list(overrides) + flag_overrides(flags))

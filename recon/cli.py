@@ -113,7 +113,7 @@ def flag_overrides(args) -> List[str]:
         out.append(f"fit.steps={args.steps}")
     if args.device is not None:
         out.append(f"device={args.device}")
-    if getattr(args, "vram", None) is not None:
+    if args.vram is not None:
         out.append(f"fit.memory_budget_gb={args.vram}")
     if args.protocol is not None:
         out.append(f"eval.protocol={args.protocol}")
