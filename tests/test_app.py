@@ -124,6 +124,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_in_background(backend):
+    """(app, url): ``backend``'s page built and served on a free local port, returning at once."""
+    from recon.app import build_app, launch
+
+    app = build_app(backend)
+    port = free_port()
+    launch(app, backend, "127.0.0.1", port, block=False)
+    return app, f"http://127.0.0.1:{port}/"
+
+
 def wait_for(condition, timeout: float, what: str):
     """Poll ``condition`` until it returns something truthy; that value."""
     deadline = time.monotonic() + timeout
@@ -146,7 +156,7 @@ def test_two_reconstructions_submitted_at_once_run_one_after_the_other_after_a_f
     from gradio_client import Client, handle_file
 
     import recon.api
-    from recon.app import DemoBackend, build_app, launch
+    from recon.app import DemoBackend
 
     spans, calls, real = [], [], recon.api.reconstruct
 
@@ -161,12 +171,10 @@ def test_two_reconstructions_submitted_at_once_run_one_after_the_other_after_a_f
             spans.append((started, time.monotonic(), threading.current_thread().name))
 
     monkeypatch.setattr(recon.api, "reconstruct", timed)
-    backend = DemoBackend(app_config(prior_dir, checker_dir, "export.preview=false"))  # the app turns it back on to judge the turntable
-    app = build_app(backend)
-    port = free_port()
-    launch(app, backend, "127.0.0.1", port, block=False)
+    backend = DemoBackend(app_config(prior_dir, checker_dir, "export.preview=false"))  # the run renders the turntable to judge it all the same
+    app, url = serve_in_background(backend)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        client = Client(url, verbose=False)
         photo = handle_file(str(object_photo(workdir / "mug.png")))
         failing = client.submit(photo, None, 0, api_name="/reconstruct")
         assert failing.result(timeout=60)[1].startswith("Internal error: RuntimeError: a bug in the first job")
@@ -191,7 +199,7 @@ def test_cancelling_a_running_reconstruction_stops_it_and_the_next_in_the_queue_
     from gradio_client.utils import Status
 
     import recon.api
-    from recon.app import DemoBackend, build_app, launch
+    from recon.app import DemoBackend
 
     spans, real = [], recon.api.reconstruct
     test_over = threading.Event()
@@ -216,14 +224,11 @@ def test_cancelling_a_running_reconstruction_stops_it_and_the_next_in_the_queue_
 
     monkeypatch.setattr(recon.api, "reconstruct", first_runs_long)
     backend = DemoBackend(app_config(prior_dir, checker_dir))
-    app = build_app(backend)
+    app, url = serve_in_background(backend)
     # The page's Cancel button cancels the reconstruction event, as gradio_client's cancel below does.
     (button,) = [block._id for block in app.blocks.values() if block.elem_id == "cancel-button"]
     reconstruct = [fn._id for fn in app.fns.values() if fn.api_name == "reconstruct"]
     assert [fn.cancels for fn in app.fns.values() if fn.is_cancel_function and (button, "click") in fn.targets] == [reconstruct]
-    port = free_port()
-    launch(app, backend, "127.0.0.1", port, block=False)
-    url = f"http://127.0.0.1:{port}/"
     photo = handle_file(str(object_photo(workdir / "mug.png")))
     try:
         # Each user is a client of their own: gradio cancels by session.

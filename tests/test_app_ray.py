@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app import app_config, free_port, stage_of, wait_for
+from test_app import app_config, serve_in_background, stage_of, wait_for
 from test_cli import object_photo
 
 # A Ray cluster's start and its warm-up take most of a minute on two cores: the slow tier (CI runs it).
@@ -93,15 +93,10 @@ def test_a_second_user_sees_their_place_and_cancelled_jobs_free_the_cluster(work
     from gradio_client import Client, handle_file
     from gradio_client.utils import Status
 
-    from recon.app import build_app, launch
-
     # The first job's fit runs until cancelled: on a warm worker the few steps of the tests' config
     # can end between two looks at its progress, and the job with them.
     backend = backend_on(prior_dir, checker_dir, "fit.steps=100000")
-    app = build_app(backend)
-    port = free_port()
-    launch(app, backend, "127.0.0.1", port, block=False)
-    url = f"http://127.0.0.1:{port}/"
+    app, url = serve_in_background(backend)
     photo = handle_file(str(object_photo(workdir / "mug.png")))
     try:
         # Each user is a client of their own: gradio cancels by session.
@@ -136,15 +131,12 @@ def test_a_worker_that_dies_fails_its_job_in_one_line_and_the_server_stays_up(wo
     from gradio_client import Client, handle_file
 
     from recon import cluster
-    from recon.app import build_app, launch
 
     backend = backend_on(prior_dir, checker_dir)
     backend._task = cluster.remote_task(dies_after_claiming_its_run)
-    app = build_app(backend)
-    port = free_port()
-    launch(app, backend, "127.0.0.1", port, block=False)
+    app, url = serve_in_background(backend)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        client = Client(url, verbose=False)
         photo = handle_file(str(object_photo(workdir / "mug.png")))
         answers = [client.predict(photo, None, 0, api_name="/reconstruct")[1] for _ in range(2)]  # the slot is free again
     finally:

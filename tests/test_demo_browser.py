@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_app import app_config, flagging_checker, free_port
+from test_app import app_config, flagging_checker, serve_in_background
 from test_cli import object_photo
 from test_gate import save, tiny_checker
 from tiny_zero123 import build_tiny_zero123
@@ -55,13 +55,9 @@ def browser():
 
 
 def serve(cfg, outputs: Path):
-    from recon.app import DemoBackend, build_app, launch
+    from recon.app import DemoBackend
 
-    backend = DemoBackend(cfg, outputs=outputs)
-    app = build_app(backend)
-    port = free_port()
-    launch(app, backend, "127.0.0.1", port, block=False)
-    return app, f"http://127.0.0.1:{port}/"
+    return serve_in_background(DemoBackend(cfg, outputs=outputs))
 
 
 def set_slider(page, elem_id: str, value) -> None:
